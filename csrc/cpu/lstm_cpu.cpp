@@ -1,0 +1,323 @@
+// CPU kernels of the fused_lstm ops (schemas and semantics in ops.cpp and lstm.h).
+//
+// Forward: the input projection of all T steps is one GEMM written into `gates`; each
+// step then adds h_{t-1}·w_hhᵀ into its slice of `gates` in place (one GEMM, no
+// allocation) and one vectorized pass applies the activations and the cell update,
+// leaving the activated gates and c_t where the backward finds them. The hidden state
+// of step t is output[t] itself, so no state is copied between steps.
+// Backward: reverse time, one vectorized pass for the gate gradients and one GEMM for
+// the gradient of h_{t-1} per step; then the weight gradients as a few GEMMs over all
+// steps at once.
+// bfloat16/float16 inputs run in float32 and are rounded once at the end.
+#include "../lstm.h"
+#include "cell.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+namespace fused_lstm::cpu {
+
+namespace {
+
+// Whether this build has the AVX2 kernels (setup.py compiles them on x86-64) and this
+// CPU runs them, as torch sees it (so ATEN_CPU_CAPABILITY=default turns them off too).
+bool use_avx2() {
+#if defined(FUSED_LSTM_HAVE_AVX2)
+  const std::string capability = at::get_cpu_capability();
+  return capability == "AVX2" || capability == "AVX512";
+#else
+  return false;
+#endif
+}
+
+std::string kernel_capability() { return use_avx2() ? "AVX2" : "DEFAULT"; }
+
+}  // namespace
+
+template <typename scalar_t>
+const CellKernels<scalar_t>& cell_kernels() {
+  static const CellKernels<scalar_t> kernels =
+#if defined(FUSED_LSTM_HAVE_AVX2)
+      use_avx2() ? AVX2::make_cell_kernels<scalar_t>() :
+#endif
+                 DEFAULT::make_cell_kernels<scalar_t>();
+  return kernels;
+}
+
+namespace {
+
+// Calls fn(row, j0, j1) for rows [0, rows) and hidden units [0, H) split in chunks,
+// in parallel when there is enough work for more than one thread.
+template <typename F>
+void for_rows_and_units(int64_t rows, int64_t H, const F& fn) {
+  constexpr int64_t kUnits = 64;            // hidden units per task (a multiple of any vector)
+  constexpr int64_t kElementsPerTask = 4096;  // below this a thread is not worth waking
+  const int64_t chunks = (H + kUnits - 1) / kUnits;
+  const int64_t grain = std::max<int64_t>(1, kElementsPerTask / std::min(H, kUnits));
+  at::parallel_for(0, rows * chunks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t chunk = w % chunks;
+      fn(w / chunks, chunk * kUnits, std::min(H, (chunk + 1) * kUnits));
+    }
+  });
+}
+
+// Zeros rows [n, B) of a [B, ...] step slice: the rows that are not live at that step.
+void zero_dead_rows(const at::Tensor& step, int64_t n) {
+  if (n < step.size(0)) step.narrow(0, n, step.size(0) - n).zero_();
+}
+
+// The time index of processing step s (steps run backwards in time when reverse).
+inline int64_t time_of(int64_t s, int64_t T, bool reverse) { return reverse ? T - 1 - s : s; }
+
+// Rows of step s whose previous state comes from step s-1; the rest start from h0/c0.
+inline int64_t carried_rows(int64_t s, int64_t T, bool reverse, const std::vector<int64_t>& live) {
+  if (s == 0) return 0;
+  return std::min(live[time_of(s, T, reverse)], live[time_of(s - 1, T, reverse)]);
+}
+
+template <typename scalar_t>
+ForwardResult forward_impl(const Dims& d, const std::vector<int64_t>& live, const at::Tensor& x,
+                           const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+                           const at::Tensor& w_hh, const at::Tensor& bias,
+                           const at::Tensor& w_hr, bool reverse) {
+  const int64_t T = d.seq_len, B = d.batch, H = d.hidden_size, P = d.output_size;
+  const bool projected = w_hr.defined();
+  const auto opts = x.options();
+  at::Tensor gates = at::empty({T, B, 4 * H}, opts);
+  at::Tensor cells = at::empty({T, B, H}, opts);
+  at::Tensor output = at::empty({T, B, P}, opts);
+  at::Tensor hidden = projected ? at::empty({B, H}, opts) : at::Tensor();
+
+  const at::Tensor x2d = x.view({T * B, d.input_size});
+  at::Tensor gates2d = gates.view({T * B, 4 * H});
+  if (bias.defined()) {
+    at::addmm_out(gates2d, bias, x2d, w_ih.t());
+  } else {
+    at::mm_out(gates2d, x2d, w_ih.t());
+  }
+
+  const auto& kernels = cell_kernels<scalar_t>();
+  const at::Tensor w_hh_t = w_hh.t();
+  for (int64_t s = 0; s < T; ++s) {
+    const int64_t t = time_of(s, T, reverse);
+    const int64_t n = live[t];
+    const int64_t carried = carried_rows(s, T, reverse, live);
+    const int64_t t_prev = s > 0 ? time_of(s - 1, T, reverse) : 0;
+    at::Tensor gates_t = gates[t];
+    if (carried > 0) {
+      gates_t.narrow(0, 0, carried).addmm_(output[t_prev].narrow(0, 0, carried), w_hh_t);
+    }
+    if (n > carried) {
+      gates_t.narrow(0, carried, n - carried).addmm_(h0.narrow(0, carried, n - carried), w_hh_t);
+    }
+
+    scalar_t* g = gates_t.data_ptr<scalar_t>();
+    scalar_t* c = cells[t].data_ptr<scalar_t>();
+    const scalar_t* c_carried = cells[t_prev].data_ptr<scalar_t>();
+    const scalar_t* c_initial = c0.data_ptr<scalar_t>();
+    scalar_t* h = projected ? hidden.data_ptr<scalar_t>() : output[t].data_ptr<scalar_t>();
+    for_rows_and_units(n, H, [&](int64_t b, int64_t j0, int64_t j1) {
+      const CellForwardRow<scalar_t> row{g + b * 4 * H,
+                                         (b < carried ? c_carried : c_initial) + b * H,
+                                         c + b * H, h + b * H};
+      kernels.forward(row, H, j0, j1);
+    });
+    if (projected) {
+      at::Tensor out_live = output[t].narrow(0, 0, n);
+      at::mm_out(out_live, hidden.narrow(0, 0, n), w_hr.t());
+    }
+    zero_dead_rows(gates_t, n);
+    zero_dead_rows(cells[t], n);
+    zero_dead_rows(output[t], n);
+  }
+
+  // Each row's final state is that of its last live step: going forward, rows
+  // [live[t+1], live[t]) end at step t; in reverse, every row ends at step 0.
+  at::Tensor h_n = at::empty({B, P}, opts);
+  at::Tensor c_n = at::empty({B, H}, opts);
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t from = reverse ? 0 : (t + 1 < T ? live[t + 1] : 0);
+    const int64_t to = (reverse && t > 0) ? 0 : live[t];
+    if (to > from) {
+      h_n.narrow(0, from, to - from).copy_(output[t].narrow(0, from, to - from));
+      c_n.narrow(0, from, to - from).copy_(cells[t].narrow(0, from, to - from));
+    }
+  }
+  return {output, h_n, c_n, gates, cells};
+}
+
+template <typename scalar_t>
+BackwardResult backward_impl(const Dims& d, const std::vector<int64_t>& live,
+                             const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                             const at::Tensor& grad_c_n, const at::Tensor& x,
+                             const at::Tensor& h0, const at::Tensor& c0,
+                             const at::Tensor& w_ih, const at::Tensor& w_hh,
+                             const at::Tensor& w_hr, bool reverse, const at::Tensor& output,
+                             const at::Tensor& gates, const at::Tensor& cells) {
+  const int64_t T = d.seq_len, B = d.batch, H = d.hidden_size, P = d.output_size;
+  const bool projected = w_hr.defined();
+  const auto opts = x.options();
+  at::Tensor grad_gates = at::empty({T, B, 4 * H}, opts);
+  // Gradients of the state carried between steps; rows not live keep theirs.
+  at::Tensor grad_h = grad_h_n.defined() ? grad_h_n.clone() : at::zeros({B, P}, opts);
+  at::Tensor grad_c = grad_c_n.defined() ? grad_c_n.clone() : at::zeros({B, H}, opts);
+  // With a projection: the gradient of each step's h (for grad_w_hr) and of o*tanh(c).
+  at::Tensor grad_h_steps = projected ? at::empty({T, B, P}, opts) : at::Tensor();
+  at::Tensor grad_hidden = projected ? at::empty({B, H}, opts) : at::Tensor();
+
+  const auto& kernels = cell_kernels<scalar_t>();
+  for (int64_t s = T - 1; s >= 0; --s) {
+    const int64_t t = time_of(s, T, reverse);
+    const int64_t n = live[t];
+    const int64_t carried = carried_rows(s, T, reverse, live);
+    const int64_t t_prev = s > 0 ? time_of(s - 1, T, reverse) : 0;
+    at::Tensor grad_h_live = grad_h.narrow(0, 0, n);
+    if (grad_output.defined()) grad_h_live.add_(grad_output[t].narrow(0, 0, n));
+    if (projected) {
+      at::Tensor steps_t = grad_h_steps[t];
+      steps_t.narrow(0, 0, n).copy_(grad_h_live);
+      zero_dead_rows(steps_t, n);
+      at::Tensor grad_hidden_live = grad_hidden.narrow(0, 0, n);
+      at::mm_out(grad_hidden_live, grad_h_live, w_hr);
+    }
+
+    const scalar_t* g = gates[t].data_ptr<scalar_t>();
+    const scalar_t* c = cells[t].data_ptr<scalar_t>();
+    const scalar_t* c_carried = cells[t_prev].data_ptr<scalar_t>();
+    const scalar_t* c_initial = c0.data_ptr<scalar_t>();
+    const scalar_t* dh = projected ? grad_hidden.data_ptr<scalar_t>() : grad_h.data_ptr<scalar_t>();
+    scalar_t* dc = grad_c.data_ptr<scalar_t>();
+    at::Tensor grad_gates_t = grad_gates[t];
+    scalar_t* dg = grad_gates_t.data_ptr<scalar_t>();
+    for_rows_and_units(n, H, [&](int64_t b, int64_t j0, int64_t j1) {
+      const CellBackwardRow<scalar_t> row{g + b * 4 * H, c + b * H,
+                                          (b < carried ? c_carried : c_initial) + b * H,
+                                          dh + b * H, dc + b * H, dg + b * 4 * H};
+      kernels.backward(row, H, j0, j1);
+    });
+    zero_dead_rows(grad_gates_t, n);
+    at::mm_out(grad_h_live, grad_gates_t.narrow(0, 0, n), w_hh);
+  }
+
+  const at::Tensor grad_gates2d = grad_gates.view({T * B, 4 * H});
+  at::Tensor grad_input = at::mm(grad_gates2d, w_ih).view({T, B, d.input_size});
+  at::Tensor grad_w_ih = at::mm(grad_gates2d.t(), x.view({T * B, d.input_size}));
+  at::Tensor grad_bias = grad_gates2d.sum(0);
+
+  // grad_w_hh = sum over steps of grad_gates[t]ᵀ · h_prev[t], where h_prev is the
+  // previous step's output, or h0 on each row's first step.
+  const int64_t first = time_of(0, T, reverse);
+  at::Tensor grad_w_hh = at::mm(grad_gates[first].t(), h0);
+  if (T > 1) {
+    const int64_t later_from = reverse ? 0 : 1;  // the steps that have a previous step
+    const int64_t prev_from = reverse ? 1 : 0;
+    grad_w_hh.addmm_(grad_gates.narrow(0, later_from, T - 1).reshape({(T - 1) * B, 4 * H}).t(),
+                     output.narrow(0, prev_from, T - 1).reshape({(T - 1) * B, P}));
+  }
+  if (reverse) {
+    // Packed and reversed, a row starts at its own last step, from h0; the output of
+    // the step before (t + 1) is zero for that row, so add h0's term here.
+    for (int64_t t = 0; t + 1 < T; ++t) {
+      const int64_t k = live[t] - live[t + 1];
+      if (k > 0) {
+        grad_w_hh.addmm_(grad_gates[t].narrow(0, live[t + 1], k).t(), h0.narrow(0, live[t + 1], k));
+      }
+    }
+  }
+
+  at::Tensor grad_w_hr;
+  if (projected) {
+    at::Tensor hidden = at::empty({T, B, H}, opts);
+    const scalar_t* g = gates.data_ptr<scalar_t>();
+    const scalar_t* c = cells.data_ptr<scalar_t>();
+    scalar_t* h = hidden.data_ptr<scalar_t>();
+    for_rows_and_units(T * B, H, [&](int64_t r, int64_t j0, int64_t j1) {
+      kernels.hidden(g + r * 4 * H, c + r * H, h + r * H, H, j0, j1);
+    });
+    grad_w_hr = at::mm(grad_h_steps.view({T * B, P}).t(), hidden.view({T * B, H}));
+  } else {
+    grad_w_hr = at::empty({0}, opts);
+  }
+  return {grad_input, grad_h, grad_c, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
+}
+
+// Contiguous, in the dtype the kernels compute in.
+at::Tensor prepare(const at::Tensor& t, at::ScalarType acc) {
+  return t.defined() ? t.to(acc).contiguous() : t;
+}
+at::Tensor prepare(const std::optional<at::Tensor>& t, at::ScalarType acc) {
+  return t.has_value() ? prepare(*t, acc) : at::Tensor();
+}
+
+ForwardResult forward_cpu(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
+                          const at::Tensor& w_ih, const at::Tensor& w_hh,
+                          const std::optional<at::Tensor>& bias,
+                          const std::optional<at::Tensor>& w_hr,
+                          const std::optional<at::Tensor>& batch_sizes, bool reverse) {
+  const Dims d = check_forward_args(input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes);
+  const auto live = live_rows(batch_sizes, d);
+  const auto acc = accumulate_type(input.scalar_type());
+  ForwardResult result;
+  AT_DISPATCH_FLOATING_TYPES(acc, "fused_lstm_forward_cpu", [&] {
+    result = forward_impl<scalar_t>(d, live, prepare(input, acc), prepare(h0, acc),
+                                    prepare(c0, acc), prepare(w_ih, acc), prepare(w_hh, acc),
+                                    prepare(bias, acc), prepare(w_hr, acc), reverse);
+  });
+  if (acc != input.scalar_type()) {
+    const auto dtype = input.scalar_type();
+    std::get<0>(result) = std::get<0>(result).to(dtype);
+    std::get<1>(result) = std::get<1>(result).to(dtype);
+    std::get<2>(result) = std::get<2>(result).to(dtype);
+  }
+  return result;
+}
+
+BackwardResult backward_cpu(const std::optional<at::Tensor>& grad_output,
+                            const std::optional<at::Tensor>& grad_h_n,
+                            const std::optional<at::Tensor>& grad_c_n, const at::Tensor& input,
+                            const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+                            const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
+                            const std::optional<at::Tensor>& batch_sizes, bool reverse,
+                            const at::Tensor& output, const at::Tensor& gates,
+                            const at::Tensor& cells) {
+  const Dims d = check_backward_args(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh,
+                                     w_hr, batch_sizes, output, gates, cells);
+  const auto live = live_rows(batch_sizes, d);
+  const auto acc = accumulate_type(input.scalar_type());
+  BackwardResult result;
+  AT_DISPATCH_FLOATING_TYPES(acc, "fused_lstm_backward_cpu", [&] {
+    result = backward_impl<scalar_t>(
+        d, live, prepare(grad_output, acc), prepare(grad_h_n, acc), prepare(grad_c_n, acc),
+        prepare(input, acc), prepare(h0, acc), prepare(c0, acc), prepare(w_ih, acc),
+        prepare(w_hh, acc), prepare(w_hr, acc), reverse, prepare(output, acc),
+        gates.contiguous(), cells.contiguous());
+  });
+  if (acc != input.scalar_type()) {
+    const auto dtype = input.scalar_type();
+    std::apply([&](auto&... grads) { ((grads = grads.to(dtype)), ...); }, result);
+  }
+  return result;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fused_lstm, m) {
+  // Which build of the CPU element-wise kernels runs here: "AVX2" or "DEFAULT".
+  m.def("cpu_capability() -> str", &kernel_capability);
+}
+
+TORCH_LIBRARY_IMPL(fused_lstm, CPU, m) {
+  m.impl("forward", &forward_cpu);
+  m.impl("backward", &backward_cpu);
+}
+
+}  // namespace fused_lstm::cpu

@@ -1,0 +1,28 @@
+// The schemas of the fused_lstm ops, and nothing else: each device registers its
+// kernels in its own file (cpu/lstm_cpu.cpp, cuda/lstm_cuda.cu). Importing the
+// extension module fused_lstm._C runs these registrations; everything is called as
+// torch.ops.fused_lstm.*.
+#include <Python.h>
+#include <torch/library.h>
+
+// A module with no functions of its own: `import fused_lstm._C` only loads the library.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(fused_lstm, m) {
+  // See lstm.h for the meaning of every argument and output.
+  m.def(
+      "forward(Tensor input, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? bias, "
+      "Tensor? w_hr, Tensor? batch_sizes, bool reverse) "
+      "-> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)");
+  // Undefined grad_output/grad_h_n/grad_c_n count as zeros. grad_bias is always
+  // computed; grad_w_hr is empty without w_hr.
+  m.def(
+      "backward(Tensor? grad_output, Tensor? grad_h_n, Tensor? grad_c_n, Tensor input, "
+      "Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor? batch_sizes, "
+      "bool reverse, Tensor output, Tensor gates, Tensor cells) "
+      "-> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, "
+      "Tensor grad_w_hh, Tensor grad_bias, Tensor grad_w_hr)");
+}

@@ -1,0 +1,136 @@
+"""Functional LSTM: one fused layer, and layers x directions composed around it.
+
+Only one layer in one direction is native (torch.ops.fused_lstm.forward); layers,
+directions, inter-layer dropout and packed sequences are composed here in plain torch,
+the same for every device.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _ops
+
+# (w_ih, w_hh, b_ih, b_hh, w_hr) of one layer and direction; biases and w_hr may be None.
+LayerWeights = tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]
+
+
+def lstm_layer(
+    input: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+    w_hr: Tensor | None = None,
+    batch_sizes: Tensor | None = None,
+    reverse: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One LSTM layer in one direction, fused.
+
+    Args:
+        input: ``[T, B, I]``, time-major.
+        h0: ``[B, P]`` and c0: ``[B, H]``, the initial state.
+        w_ih ``[4H, I]``, w_hh ``[4H, P]``, b_ih and b_hh ``[4H]`` (or None), w_hr
+            ``[P, H]`` (or None, then P = H): nn.LSTM's parameters of one layer and
+            direction, gate order i, f, g, o.
+        batch_sizes: ``[T]`` int64 on the CPU, non-increasing (a PackedSequence's), or
+            None: row b is live at step t only while ``b < batch_sizes[t]``.
+        reverse: run from the last step to the first (the backward direction).
+
+    Returns:
+        ``output [T, B, P]`` (zero where a row is not live), ``h_n [B, P]``,
+        ``c_n [B, H]``: each row's state after its last live step.
+
+    float32 and float64 everywhere; bfloat16 and float16 compute in float32.
+    """
+    bias = _combined_bias(b_ih, b_hh)
+    output, h_n, c_n, _, _ = _ops.forward(input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse)
+    return output, h_n, c_n
+
+
+def reference_layer(
+    input: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+    w_hr: Tensor | None = None,
+    batch_sizes: Tensor | None = None,
+    reverse: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`lstm_layer` computed by the Python time-step loop (fused_lstm.reference)."""
+    from . import reference
+
+    bias = _combined_bias(b_ih, b_hh)
+    return reference.lstm_layer(input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse)
+
+
+def _combined_bias(b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor | None:
+    if b_ih is None:
+        return b_hh
+    return b_ih if b_hh is None else b_ih + b_hh
+
+
+def lstm(
+    input: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    weights: Sequence[LayerWeights],
+    num_layers: int,
+    bidirectional: bool = False,
+    dropout: float = 0.0,
+    training: bool = False,
+    batch_sizes: Tensor | None = None,
+    layer: Callable[..., tuple[Tensor, Tensor, Tensor]] = lstm_layer,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A stack of LSTM layers over a time-major ``[T, B, I]`` input.
+
+    ``h0``/``c0`` are ``[num_layers * D, B, *]`` and ``weights`` holds one
+    :data:`LayerWeights` per layer and direction, in nn.LSTM's order (layer-major,
+    forward before reverse). Dropout applies to the outputs of every layer but the last,
+    in training. Returns ``output [T, B, D * P]``, ``h_n``, ``c_n``.
+    """
+    directions = 2 if bidirectional else 1
+    h_n: list[Tensor] = []
+    c_n: list[Tensor] = []
+    x = input
+    for layer_index in range(num_layers):
+        outputs = []
+        for direction in range(directions):
+            k = layer_index * directions + direction
+            out, h, c = layer(x, h0[k], c0[k], *weights[k], batch_sizes=batch_sizes,
+                              reverse=direction == 1)
+            outputs.append(out)
+            h_n.append(h)
+            c_n.append(c)
+        x = outputs[0] if directions == 1 else torch.cat(outputs, 2)
+        if dropout > 0 and training and layer_index < num_layers - 1:
+            x = F.dropout(x, dropout, training=True)
+    return x, torch.stack(h_n), torch.stack(c_n)
+
+
+def packed_positions(batch_sizes: Tensor) -> Tensor:
+    """Where each row of a PackedSequence's data sits in the flattened ``[T * B]`` grid
+    of its padded, time-major form (B = batch_sizes[0], sorted order)."""
+    seq_len, batch = batch_sizes.numel(), int(batch_sizes[0])
+    live = torch.arange(batch).unsqueeze(0) < batch_sizes.unsqueeze(1)
+    return torch.arange(seq_len * batch).view(seq_len, batch)[live]
+
+
+def packed_to_padded(data: Tensor, batch_sizes: Tensor, positions: Tensor) -> Tensor:
+    """``[N, F]`` packed data to ``[T, B, F]``, zeros where a row is not live."""
+    seq_len, batch = batch_sizes.numel(), int(batch_sizes[0])
+    padded = data.new_zeros(seq_len * batch, data.shape[-1])
+    return padded.index_copy(0, positions, data).view(seq_len, batch, data.shape[-1])
+
+
+def padded_to_packed(padded: Tensor, positions: Tensor) -> Tensor:
+    """The inverse of :func:`packed_to_padded`."""
+    return padded.reshape(-1, padded.shape[-1]).index_select(0, positions)

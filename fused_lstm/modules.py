@@ -1,0 +1,296 @@
+"""FusedLSTM: torch.nn.LSTM's interface and behaviour on the fused kernels."""
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+
+import torch
+from torch import Tensor, nn
+from torch.nn import init
+from torch.nn.utils.rnn import PackedSequence
+
+from . import functional
+
+
+class FusedLSTM(nn.Module):
+    r"""A drop-in replacement for :class:`torch.nn.LSTM`.
+
+    Same constructor, parameter names, shapes, registration order and initialisation (the
+    same seed gives the same weights), so one ``state_dict`` loads into either class; the
+    same forward: a ``[T, B, I]`` / ``[B, T, I]`` (``batch_first``) tensor, an unbatched
+    ``[T, I]`` tensor or a :class:`~torch.nn.utils.rnn.PackedSequence`, and an optional
+    ``(h_0, c_0)``; returns ``output, (h_n, c_n)``. Bad input raises where nn.LSTM raises,
+    with the same exception type.
+
+    It subclasses :class:`torch.nn.Module`, not ``nn.LSTM``, so that ``torch.compile``
+    traces it (dynamo refuses to wrap nn.LSTM and its subclasses). Each layer and
+    direction runs one fused op, ``torch.ops.fused_lstm.forward``.
+    """
+
+    __constants__ = [
+        "mode", "input_size", "hidden_size", "num_layers", "bias", "batch_first",
+        "dropout", "bidirectional", "proj_size",
+    ]
+
+    # The function that runs one layer in one direction (see functional.lstm_layer).
+    _layer = staticmethod(functional.lstm_layer)
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.mode = "LSTM"
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        if (
+            not isinstance(dropout, numbers.Number)
+            or isinstance(dropout, bool)
+            or not 0 <= dropout <= 1
+        ):
+            raise ValueError(
+                "dropout should be a number in range [0, 1] representing the "
+                "probability of an element being zeroed"
+            )
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.proj_size = proj_size
+        if dropout > 0 and num_layers == 1:
+            warnings.warn(
+                "dropout option adds dropout after all but last recurrent layer, so "
+                "non-zero dropout expects num_layers greater than 1, but got "
+                f"dropout={dropout} and num_layers={num_layers}",
+                stacklevel=2,
+            )
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias should be of type bool, got: {type(bias).__name__}")
+        if not isinstance(batch_first, bool):
+            raise TypeError(
+                f"batch_first should be of type bool, got: {type(batch_first).__name__}"
+            )
+        if not isinstance(input_size, int):
+            raise TypeError(f"input_size should be of type int, got: {type(input_size).__name__}")
+        if input_size <= 0:
+            raise ValueError("input_size must be greater than zero")
+        if not isinstance(hidden_size, int):
+            raise TypeError(
+                f"hidden_size should be of type int, got: {type(hidden_size).__name__}"
+            )
+        if hidden_size <= 0:
+            raise ValueError("hidden_size must be greater than zero")
+        if num_layers <= 0:
+            raise ValueError("num_layers must be greater than zero")
+        if proj_size < 0:
+            raise ValueError(
+                "proj_size should be a positive integer or zero to disable projections"
+            )
+        if proj_size >= hidden_size:
+            raise ValueError("proj_size has to be smaller than hidden_size")
+
+        num_directions = 2 if bidirectional else 1
+        gate_size = 4 * hidden_size
+        real_hidden_size = proj_size if proj_size > 0 else hidden_size
+        self._flat_weights_names: list[str] = []
+        self._all_weights: list[list[str]] = []
+        for layer in range(num_layers):
+            for direction in range(num_directions):
+                layer_input_size = input_size if layer == 0 else real_hidden_size * num_directions
+                suffix = "_reverse" if direction == 1 else ""
+                params = [
+                    (f"weight_ih_l{layer}{suffix}", (gate_size, layer_input_size)),
+                    (f"weight_hh_l{layer}{suffix}", (gate_size, real_hidden_size)),
+                ]
+                if bias:
+                    params += [(f"bias_ih_l{layer}{suffix}", (gate_size,)),
+                               (f"bias_hh_l{layer}{suffix}", (gate_size,))]
+                if proj_size > 0:
+                    params += [(f"weight_hr_l{layer}{suffix}", (proj_size, hidden_size))]
+                for name, shape in params:
+                    setattr(self, name, nn.Parameter(torch.empty(shape, **factory_kwargs)))
+                self._flat_weights_names.extend(name for name, _ in params)
+                self._all_weights.append([name for name, _ in params])
+        self.reset_parameters()
+
+    @classmethod
+    def from_lstm(cls, lstm: nn.LSTM) -> FusedLSTM:
+        """A FusedLSTM with the configuration, device, dtype, parameters and training
+        mode of ``lstm`` (copied, not shared)."""
+        weight = lstm.weight_ih_l0
+        fused = cls(
+            lstm.input_size, lstm.hidden_size, lstm.num_layers, lstm.bias, lstm.batch_first,
+            lstm.dropout, lstm.bidirectional, lstm.proj_size,
+            device=weight.device, dtype=weight.dtype,
+        )
+        fused.load_state_dict(lstm.state_dict())
+        return fused.train(lstm.training)
+
+    def reset_parameters(self) -> None:
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for weight in self.parameters():
+            init.uniform_(weight, -stdv, stdv)
+
+    def flatten_parameters(self) -> None:
+        """A no-op, as nn.LSTM's is off cuDNN: the kernels need no flat weight buffer."""
+
+    @property
+    def _flat_weights(self) -> list[Tensor]:
+        return [getattr(self, name) for name in self._flat_weights_names]
+
+    @property
+    def all_weights(self) -> list[list[nn.Parameter]]:
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
+
+    def extra_repr(self) -> str:
+        s = "{input_size}, {hidden_size}"
+        if self.proj_size != 0:
+            s += ", proj_size={proj_size}"
+        if self.num_layers != 1:
+            s += ", num_layers={num_layers}"
+        if self.bias is not True:
+            s += ", bias={bias}"
+        if self.batch_first is not False:
+            s += ", batch_first={batch_first}"
+        if self.dropout != 0:
+            s += ", dropout={dropout}"
+        if self.bidirectional is not False:
+            s += ", bidirectional={bidirectional}"
+        return s.format(**self.__dict__)
+
+    def _layer_weights(self, dtype: torch.dtype | None) -> list[functional.LayerWeights]:
+        weights = []
+        for names in self._all_weights:
+            params = {name.split("_l")[0]: getattr(self, name) for name in names}
+            layer = tuple(
+                params.get(key) for key in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+            )
+            if dtype is not None:
+                layer = tuple(None if w is None else w.to(dtype) for w in layer)
+            weights.append(layer)
+        return weights
+
+    def _check_input(self, input: Tensor, expected_dim: int) -> None:
+        weight = self.weight_ih_l0
+        if input.dtype != weight.dtype and not torch._C._is_any_autocast_enabled():
+            raise ValueError(
+                f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight.dtype}). "
+                f"Convert input: input.to({weight.dtype}), or convert model: model.to({input.dtype})"
+            )
+        if input.dim() != expected_dim:
+            raise RuntimeError(f"input must have {expected_dim} dimensions, got {input.dim()}")
+        if self.input_size != input.size(-1):
+            raise RuntimeError(
+                f"input.size(-1) must be equal to input_size. Expected {self.input_size}, "
+                f"got {input.size(-1)}"
+            )
+        if input.device != weight.device:
+            raise RuntimeError(
+                "Input and parameter tensors are not at the same device, found input tensor "
+                f"at {input.device} and parameter tensor at {weight.device}"
+            )
+
+    def _check_hidden(self, input: Tensor, hx: tuple[Tensor, Tensor], batch: int) -> None:
+        layers = self.num_layers * (2 if self.bidirectional else 1)
+        expected = (
+            (layers, batch, self.proj_size if self.proj_size > 0 else self.hidden_size),
+            (layers, batch, self.hidden_size),
+        )
+        for k, (state, size) in enumerate(zip(hx, expected)):
+            if state.size() != size:
+                raise RuntimeError(f"Expected hidden[{k}] size {size}, got {list(state.size())}")
+            if state.device != input.device:
+                raise RuntimeError(
+                    "Input and hidden tensors are not at the same device, found input tensor "
+                    f"at {input.device} and hidden tensor at {state.device}"
+                )
+            if state.dtype != input.dtype and not torch._C._is_any_autocast_enabled():
+                raise RuntimeError(
+                    f"Expected hidden[{k}] dtype {input.dtype} (the input's), got {state.dtype}"
+                )
+
+    def forward(self, input, hx=None):
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            self._check_input(data, 2)
+            batch = int(batch_sizes[0])
+            positions = functional.packed_positions(batch_sizes).to(data.device)
+            x = functional.packed_to_padded(data, batch_sizes, positions)
+        else:
+            if input.dim() not in (2, 3):
+                raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            batched = input.dim() == 3
+            batch_dim = 0 if self.batch_first else 1
+            if not batched:
+                input = input.unsqueeze(batch_dim)
+            self._check_input(input, 3)
+            batch_sizes = sorted_indices = unsorted_indices = None
+            x = input.transpose(0, 1) if self.batch_first else input
+            batch = x.size(1)
+            if x.size(0) == 0:
+                raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+
+        layers = self.num_layers * (2 if self.bidirectional else 1)
+        out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        if hx is None:
+            zeros = dict(dtype=x.dtype, device=x.device)
+            h0 = torch.zeros(layers, batch, out_size, **zeros)
+            c0 = torch.zeros(layers, batch, self.hidden_size, **zeros)
+        else:
+            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                raise RuntimeError("lstm expects two hidden states")
+            h0, c0 = hx
+            expected = 2 if not packed and not batched else 3
+            if h0.dim() != expected or c0.dim() != expected:
+                kind = "batched 3-D" if expected == 3 else "unbatched 2-D"
+                raise RuntimeError(
+                    f"For {kind} input, hx and cx should also be {expected}-D but got "
+                    f"({h0.dim()}-D, {c0.dim()}-D) tensors"
+                )
+            if expected == 2:
+                h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+            self._check_hidden(x, (h0, c0), batch)
+            if sorted_indices is not None:
+                h0, c0 = h0.index_select(1, sorted_indices), c0.index_select(1, sorted_indices)
+
+        # Under autocast, run in its dtype, as nn.LSTM does on cuDNN.
+        dtype = None
+        if torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, h0, c0 = x.to(dtype), h0.to(dtype), c0.to(dtype)
+
+        output, h_n, c_n = functional.lstm(
+            x, h0, c0, self._layer_weights(dtype), self.num_layers, self.bidirectional,
+            self.dropout, self.training, batch_sizes, layer=self._layer,
+        )
+        if unsorted_indices is not None:
+            h_n, c_n = h_n.index_select(1, unsorted_indices), c_n.index_select(1, unsorted_indices)
+        if packed:
+            data = functional.padded_to_packed(output, positions)
+            return PackedSequence(data, batch_sizes, sorted_indices, unsorted_indices), (h_n, c_n)
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        if not batched:
+            output = output.squeeze(batch_dim)
+            h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
+        return output, (h_n, c_n)
+
+
+class ReferenceLSTM(FusedLSTM):
+    """FusedLSTM's interface on the Python time-step loop (fused_lstm.reference): the
+    slow baseline of the benchmark and the examples, with everything else equal."""
+
+    _layer = staticmethod(functional.reference_layer)
