@@ -1,0 +1,237 @@
+"""The native op (one layer, one direction) against the float64 reference loop."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fused_lstm  # noqa: F401  (registers the ops)
+from fused_lstm import reference
+from conftest import max_error
+
+forward = torch.ops.fused_lstm.forward
+backward = torch.ops.fused_lstm.backward
+
+
+def make_args(T, B, I, H, P=None, dtype=torch.float64, bias=True, device="cpu", scale=1.0):
+    """Random op arguments: input, h0, c0, w_ih, w_hh, bias, w_hr."""
+    P = P or H
+    r = lambda *s: (torch.randn(*s, dtype=torch.float64) * scale).to(device, dtype)  # noqa: E731
+    return [r(T, B, I), r(B, P), r(B, H), r(4 * H, I), r(4 * H, P),
+            r(4 * H) if bias else None, r(P, H) if P != H else None]
+
+
+def random_batch_sizes(T, B):
+    """Non-increasing, starting at B, each at least 1."""
+    lengths = torch.randint(1, T + 1, (B,))
+    lengths[0] = T
+    lengths = lengths.sort(descending=True).values
+    return torch.tensor([(lengths > t).sum().item() for t in range(T)], dtype=torch.int64)
+
+
+def run_both(args, batch_sizes, reverse):
+    ours = forward(*args, batch_sizes, reverse)
+    expected = reference.lstm_layer(*[None if a is None else a.double() for a in args],
+                                     batch_sizes=batch_sizes, reverse=reverse)
+    return ours, expected
+
+
+SHAPES = [  # T, B, I, H, P
+    (1, 1, 1, 1, None), (7, 3, 5, 33, None), (3, 2, 4, 257, None), (5, 1, 6, 8, None),
+    (1, 4, 3, 6, None), (6, 3, 4, 9, 5), (4, 2, 3, 7, 1),
+]
+
+
+@pytest.mark.parametrize("T,B,I,H,P", SHAPES)
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+def test_forward_matches_reference_float64(T, B, I, H, P, reverse, packed):
+    args = make_args(T, B, I, H, P)
+    batch_sizes = random_batch_sizes(T, B) if packed else None
+    (out, h_n, c_n, gates, cells), (ref_out, ref_h, ref_c) = run_both(args, batch_sizes, reverse)
+    assert max_error(out, ref_out) < 1e-12
+    assert max_error(h_n, ref_h) < 1e-12
+    assert max_error(c_n, ref_c) < 1e-12
+    assert gates.shape == (T, B, 4 * H) and cells.shape == (T, B, H)
+
+
+def test_dead_rows_are_zero_and_state_is_last_live_step():
+    T, B = 5, 3
+    args = make_args(T, B, 2, 4)
+    batch_sizes = torch.tensor([3, 3, 2, 1, 1])
+    out, h_n, c_n, gates, cells = forward(*args, batch_sizes, False)
+    for t, n in enumerate(batch_sizes.tolist()):
+        assert out[t, n:].eq(0).all() and gates[t, n:].eq(0).all() and cells[t, n:].eq(0).all()
+        assert out[t, :n].ne(0).all()
+    # sequence lengths 5, 3, 2: each final state is its last real step's output
+    for b, length in enumerate((5, 3, 2)):
+        assert torch.equal(h_n[b], out[length - 1, b])
+        assert torch.equal(c_n[b], cells[length - 1, b])
+
+
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2),
+                                         (torch.float16, 3e-3)])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_forward_low_precision_against_reference(dtype, bound, reverse):
+    args = make_args(20, 4, 16, 33, dtype=dtype, scale=0.5)
+    (out, h_n, c_n, gates, cells), (ref_out, ref_h, ref_c) = run_both(args, None, reverse)
+    assert out.dtype == dtype and h_n.dtype == dtype and c_n.dtype == dtype
+    # gates and cells are kept in float32 for the 16-bit types
+    assert gates.dtype == fused_lstm._ops.accumulate_dtype(dtype) == cells.dtype
+    for ours, ref in ((out, ref_out), (h_n, ref_h), (c_n, ref_c)):
+        assert max_error(ours, ref) / ref.abs().max().item() < bound
+
+
+def test_nan_propagates():
+    args = make_args(4, 3, 2, 5)
+    args[0][1, 1, 0] = float("nan")
+    out, h_n, c_n, _, _ = forward(*args, None, False)
+    assert not out[0].isnan().any()
+    assert out[1:, 1].isnan().all() and not out[1:, 0].isnan().any()
+    assert h_n[1].isnan().all() and c_n[1].isnan().all()
+
+
+def test_large_preactivations_saturate_without_nan():
+    args = make_args(3, 2, 3, 4, scale=1e3)
+    out, h_n, c_n, _, _ = forward(*args, None, False)
+    assert torch.isfinite(out).all() and out.abs().max() <= 1
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("P", [None, 2])
+def test_gradcheck(packed, reverse, P):
+    args = [a.requires_grad_() if a is not None else None for a in make_args(4, 3, 2, 3, P)]
+    batch_sizes = torch.tensor([3, 2, 2, 1]) if packed else None
+    f = lambda *a: forward(*a, batch_sizes, reverse)[:3]  # noqa: E731
+    assert torch.autograd.gradcheck(f, args)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_gradgradcheck(packed):
+    args = [a.requires_grad_() for a in make_args(3, 2, 2, 3) if a is not None]
+    batch_sizes = torch.tensor([2, 2, 1]) if packed else None
+    f = lambda *a: forward(*a, None, batch_sizes, True)[:3]  # noqa: E731
+    assert torch.autograd.gradgradcheck(f, args)
+
+
+@pytest.mark.parametrize("T,B,I,H,P", SHAPES)
+@pytest.mark.parametrize("packed", [False, True])
+def test_backward_matches_reference(T, B, I, H, P, packed):
+    args = [a.requires_grad_() if a is not None else None for a in make_args(T, B, I, H, P)]
+    batch_sizes = random_batch_sizes(T, B) if packed else None
+    for reverse in (False, True):
+        out, h_n, c_n, _, _ = forward(*args, batch_sizes, reverse)
+        ref = reference.lstm_layer(*args, batch_sizes=batch_sizes, reverse=reverse)
+        weights = [torch.randn_like(t) for t in (out, h_n, c_n)]
+        inputs = [a for a in args if a is not None]
+        ours = torch.autograd.grad(sum((w * t).sum() for w, t in zip(weights, (out, h_n, c_n))), inputs)
+        theirs = torch.autograd.grad(sum((w * t).sum() for w, t in zip(weights, ref)), inputs)
+        for a, b in zip(ours, theirs):
+            assert max_error(a, b) < 1e-11
+
+
+def test_backward_with_only_some_output_gradients():
+    args = make_args(5, 2, 3, 4)
+    saved = forward(*args, None, False)
+    out, h_n, c_n, gates, cells = saved
+    for grads in [(torch.randn_like(out), None, None), (None, torch.randn_like(h_n), None),
+                  (None, None, torch.randn_like(c_n)), (None, None, None)]:
+        result = backward(*grads, *args[:5], None, None, False, out, gates, cells)
+        full = backward(*[g if g is not None else torch.zeros_like(t) for g, t in zip(grads, (out, h_n, c_n))],
+                        *args[:5], None, None, False, out, gates, cells)
+        for a, b in zip(result, full):
+            assert torch.equal(a, b)
+
+
+def test_empty_batch():
+    args = make_args(3, 0, 2, 4)
+    out, h_n, c_n, gates, cells = forward(*args, None, False)
+    assert out.shape == (3, 0, 4) and h_n.shape == (0, 4) and c_n.shape == (0, 4)
+
+
+def test_non_contiguous_inputs():
+    args = make_args(4, 3, 5, 6)
+    expected = forward(*args, None, False)
+    strided = [a.t().contiguous().t() if a is not None and a.dim() == 2 else a for a in args]
+    strided[0] = args[0].transpose(0, 1).contiguous().transpose(0, 1)
+    assert not strided[0].is_contiguous() and not strided[1].is_contiguous()
+    for a, b in zip(forward(*strided, None, False), expected):
+        assert torch.equal(a, b)
+
+
+def test_forward_does_not_write_its_inputs():
+    args = make_args(4, 3, 5, 6)
+    copies = [a.clone() for a in args if a is not None]
+    forward(*args, torch.tensor([3, 2, 2, 1]), True)
+    assert all(torch.equal(a, b) for a, b in zip([a for a in args if a is not None], copies))
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda a: a.__setitem__(0, a[0][0]), "3-D input"),
+    (lambda a: a.__setitem__(1, a[1][:-1]), "h0 of shape"),
+    (lambda a: a.__setitem__(2, a[2][:, :-1]), "c0 of shape"),
+    (lambda a: a.__setitem__(3, a[3][:, :-1]), "w_ih of shape"),
+    (lambda a: a.__setitem__(4, a[4][:-1]), "4\\*hidden_size rows"),
+    (lambda a: a.__setitem__(5, a[5][:-1]), "bias of shape"),
+    (lambda a: a.__setitem__(1, a[1].float()), "h0 of dtype"),
+    (lambda a: a.__setitem__(0, a[0].long()), "supports float32"),
+    (lambda a: a.__setitem__(0, a[0][:0]), "sequence length"),
+])
+def test_bad_arguments_raise_clear_errors(mutate, message):
+    args = make_args(3, 2, 4, 5)
+    mutate(args)
+    with pytest.raises(RuntimeError, match=message):
+        forward(*args, None, False)
+
+
+@pytest.mark.parametrize("batch_sizes,message", [
+    (torch.tensor([2, 3, 1]), "non-increasing"),
+    (torch.tensor([2, 1]), "entries for 3 steps"),
+    (torch.tensor([3, 2, 1]), "must equal the batch size"),
+    (torch.tensor([2, 1, 0]), "positive"),
+    (torch.tensor([2, 1, 1], dtype=torch.int32), "int64"),
+])
+def test_bad_batch_sizes_raise(batch_sizes, message):
+    with pytest.raises(RuntimeError, match=message):
+        forward(*make_args(3, 2, 4, 5), batch_sizes, False)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_opcheck(packed):
+    args = make_args(4, 3, 2, 5, P=3, dtype=torch.float32)
+    batch_sizes = torch.tensor([3, 3, 2, 1]) if packed else None
+    torch.library.opcheck(forward, (*args, batch_sizes, True))
+    out, h_n, c_n, gates, cells = forward(*args, batch_sizes, True)
+    grads = (torch.randn_like(out), torch.randn_like(h_n), None)
+    torch.library.opcheck(backward, (*grads, *args[:5], args[6], batch_sizes, True, out, gates, cells))
+    # with gradients required, opcheck also checks the autograd registration
+    diff = [a.requires_grad_() if a is not None else None for a in args]
+    torch.library.opcheck(forward, (*diff, batch_sizes, False))
+
+
+def test_portable_kernels_match_vectorized():
+    """The DEFAULT build of the element-wise kernels (what CPUs without AVX2 run) gives
+    the same results as the one this machine picks."""
+    if torch.ops.fused_lstm.cpu_capability() == "DEFAULT":
+        pytest.skip("this machine already runs the portable kernels")
+    script = (
+        "import torch, fused_lstm, sys\n"
+        "assert torch.ops.fused_lstm.cpu_capability() == 'DEFAULT'\n"
+        "torch.manual_seed(0)\n"
+        "x, h, c = torch.randn(6, 3, 5), torch.randn(3, 7), torch.randn(3, 7)\n"
+        "w_ih, w_hh, b = torch.randn(28, 5), torch.randn(28, 7), torch.randn(28)\n"
+        "torch.save(torch.ops.fused_lstm.forward(x, h, c, w_ih, w_hh, b, None, None, False), sys.argv[1])\n"
+    )
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"fused_lstm_default_{os.getpid()}.pt")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    subprocess.run([sys.executable, "-c", script, path], check=True, env=env)
+    portable = torch.load(path)
+    os.remove(path)
+    torch.manual_seed(0)
+    x, h, c = torch.randn(6, 3, 5), torch.randn(3, 7), torch.randn(3, 7)
+    w_ih, w_hh, b = torch.randn(28, 5), torch.randn(28, 7), torch.randn(28)
+    vectorized = forward(x, h, c, w_ih, w_hh, b, None, None, False)
+    for a, v in zip(portable, vectorized):
+        assert max_error(a, v) < 1e-5
