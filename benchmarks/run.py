@@ -40,7 +40,7 @@ from tqdm import tqdm
 import fused_lstm
 from fused_lstm import FusedLSTM, ReferenceLSTM
 
-PRESETS = {  # name: (T, B, I, H); the shapes of /work/shared/ANCHORS.md
+PRESETS = {  # name: (T, B, I, H)
     "seed": (35, 32, 28, 256),  # the seed's char-level language model
     "b1": (100, 1, 256, 256),  # streaming inference: pure latency
     "mid": (100, 64, 512, 512),  # a typical training shape
@@ -66,8 +66,8 @@ LABELS = {LOOP: "Python loop", NN_LSTM: "nn.LSTM", FUSED: "FusedLSTM"}
 SLACK = 2.0
 ROUNDING = 4
 # A float64 case has no more precise reference: it is compared with nn.LSTM directly, to
-# half of float64's digits. Its rounding at these sizes stays below 1e-12; a wrong
-# kernel is off by far more than 1e-8.
+# half of float64's digits. Rounding of 1e-16 per operation stays orders of magnitude
+# below that over these sums; a wrong kernel is off by far more.
 FLOAT64_TOLERANCE = math.sqrt(torch.finfo(torch.float64).eps)
 
 
@@ -115,21 +115,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         + "; ".join(f"{name} {dims}" for name, dims in PRESETS.items()),
     )
     parser.add_argument("--device", choices=["cpu", "cuda"],
-                        default="cuda" if torch.cuda.is_available() else "cpu")
+                        default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="default: cuda when available")
     parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), metavar="DTYPE",
                         help=f"one or more of {', '.join(DTYPES)} (default: float32 on the CPU, "
                         "float32 and bfloat16 on CUDA; float32 with --quick)")
     parser.add_argument("--shapes", nargs="+", type=parse_shape, metavar="SHAPE",
                         help="presets or T,B,I,H (default: seed b1 mid on the CPU, all presets "
                         "on CUDA; fewer with --quick)")
-    parser.add_argument("--layers", type=int, default=1)
+    parser.add_argument("--layers", type=int, default=1, help="num_layers (default 1)")
     parser.add_argument("--bidirectional", action="store_true")
     parser.add_argument("--mode", choices=list(MODES), default="both",
                         help="fwd: inference under no_grad; fwdbwd: a training step, forward "
                         "and the gradients of the input and every parameter")
     parser.add_argument("--graph", action="store_true",
-                        help="CUDA only: also time nn.LSTM and FusedLSTM replayed from a CUDA graph")
-    parser.add_argument("--quick", action="store_true", help="fewer shapes, rounds and seconds")
+                        help="CUDA only: also time nn.LSTM and FusedLSTM replayed from a CUDA "
+                        "graph")
+    parser.add_argument("--quick", action="store_true",
+                        help="by default only seed and b1 (CPU) or seed and mid (CUDA), float32; "
+                        "3 rounds of 0.05 s blocks; the loop only where it takes under 10 s")
     parser.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's own)")
     parser.add_argument("--out", type=Path, metavar="DIR",
                         help="write results.json, results.csv and speedups.png there")
@@ -183,9 +187,9 @@ def machine(device: str) -> dict:
             multiprocessors=props.multi_processor_count,
             cuda=torch.version.cuda,
             cudnn=torch.backends.cudnn.version(),
-            # cuDNN runs nn.LSTM's float32 matmuls in TF32 when this is on (torch's default).
-            cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
-            matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+            # "tf32" (torch's default for cuDNN's RNNs): nn.LSTM's float32 runs in TF32.
+            cudnn_rnn_fp32_precision=torch.backends.cudnn.rnn.fp32_precision,
+            matmul_fp32_precision=torch.backends.cuda.matmul.fp32_precision,
         )
     return info
 
@@ -203,7 +207,8 @@ def cpu_model() -> str:
 
 def git_commit() -> str | None:
     try:
-        result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+        result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False,
+                                capture_output=True,
                                 text=True, timeout=10, cwd=Path(__file__).resolve().parent)
     except (OSError, subprocess.SubprocessError):
         return None
@@ -212,28 +217,21 @@ def git_commit() -> str | None:
 
 # --- one case: modules, inputs and the step that is timed -----------------------------------
 
-def make_modules(shape: Shape, args: argparse.Namespace, dtype: torch.dtype) -> dict[str, nn.Module]:
-    """The three implementations, in that order, loaded from one state_dict."""
+def make_modules(shape: Shape, args: argparse.Namespace,
+                 dtype: torch.dtype) -> dict[str, nn.Module]:
+    """The three implementations, with nn.LSTM's parameters (one state_dict)."""
     lstm = nn.LSTM(shape.input_size, shape.hidden_size, args.layers,
                    bidirectional=args.bidirectional, device=args.device, dtype=dtype)
-    modules = {LOOP: ReferenceLSTM, NN_LSTM: None, FUSED: FusedLSTM}
-    for key, cls in modules.items():
-        if cls is None:
-            modules[key] = lstm
-            continue
-        module = cls(shape.input_size, shape.hidden_size, args.layers,
-                     bidirectional=args.bidirectional, device=args.device, dtype=dtype)
-        module.load_state_dict(lstm.state_dict())
-        modules[key] = module
-    return modules
+    return {LOOP: ReferenceLSTM.from_lstm(lstm), NN_LSTM: lstm, FUSED: FusedLSTM.from_lstm(lstm)}
 
 
-def make_inputs(shape: Shape, args: argparse.Namespace, dtype: torch.dtype, seq_len: int | None = None):
+def make_inputs(shape: Shape, args: argparse.Namespace, dtype: torch.dtype,
+                seq_len: int | None = None) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
     """A time-major input and, for the training step, random cotangents of
     ``output, h_n, c_n`` (a loss that depends on all three)."""
     seq_len = seq_len or shape.seq_len
     directions = 2 if args.bidirectional else 1
-    options = dict(device=args.device, dtype=dtype)
+    options = {"device": args.device, "dtype": dtype}
     x = torch.randn(seq_len, shape.batch, shape.input_size, **options)
     state = (args.layers * directions, shape.batch, shape.hidden_size)
     cotangents = (
@@ -244,7 +242,8 @@ def make_inputs(shape: Shape, args: argparse.Namespace, dtype: torch.dtype, seq_
     return x, cotangents
 
 
-def make_step(module: nn.Module, mode: str, x: Tensor, cotangents) -> Callable[[], tuple[Tensor, ...]]:
+def make_step(module: nn.Module, mode: str, x: Tensor,
+              cotangents) -> Callable[[], tuple[Tensor, ...]]:
     """What is timed: inference under no_grad (``fwd``), or a training step (``fwdbwd``):
     the forward and the gradients of the input and of every parameter. The step returns
     the outputs, then the gradients, for the correctness check."""
@@ -299,11 +298,13 @@ def expected_outputs(modules: dict[str, nn.Module], steps: dict[str, Callable], 
     if dtype == torch.float64:
         return theirs, theirs
     reference_module = copy.deepcopy(modules[NN_LSTM]).to(torch.float64)
-    reference = make_step(reference_module, mode, x.double(), tuple(c.double() for c in cotangents))()
+    cotangents = tuple(c.double() for c in cotangents)
+    reference = make_step(reference_module, mode, x.double(), cotangents)()
     return theirs, reference
 
 
-def check_outputs(label: str, names: list[str], ours, theirs, reference, dtype: torch.dtype) -> dict:
+def check_outputs(label: str, names: list[str], ours, theirs, reference,
+                  dtype: torch.dtype) -> dict:
     worst = {"fused_max_error": 0.0, "nn_lstm_max_error": 0.0}
     for name, o, t, r in zip(names, ours, theirs, reference, strict=True):
         if o.shape != t.shape or o.dtype != t.dtype:
@@ -336,13 +337,13 @@ def make_timer(step: Callable) -> benchmark.Timer:
                            num_threads=torch.get_num_threads())
 
 
-def estimate_loop_s(module: nn.Module, shape: Shape, args, dtype, mode: str) -> float:
+def estimate_loop_s(module: nn.Module, shape: Shape, args, dtype, mode: str,
+                    settings: Settings) -> float:
     """The loop's seconds per call, from a few of its steps: its cost is linear in T."""
     steps = min(shape.seq_len, 8)
     x, cotangents = make_inputs(shape, args, dtype, seq_len=steps)
     timer = make_timer(make_step(module, mode, x, cotangents))
-    timer.timeit(1)  # warm-up
-    return timer.timeit(1).median * shape.seq_len / steps
+    return timer.blocked_autorange(min_run_time=settings.block_s).median * shape.seq_len / steps
 
 
 def time_interleaved(steps: dict[str, Callable], settings: Settings) -> dict[str, list[float]]:
@@ -350,8 +351,10 @@ def time_interleaved(steps: dict[str, Callable], settings: Settings) -> dict[str
     reversed every other round. Returns each step's times, one per round."""
     timers = {key: make_timer(step) for key, step in steps.items()}
     # blocked_autorange also warms up; its estimate sets how many calls make a block.
-    calls = {key: max(1, round(settings.block_s / timer.blocked_autorange(min_run_time=settings.block_s).median))
-             for key, timer in timers.items()}
+    calls = {}
+    for key, timer in timers.items():
+        seconds = timer.blocked_autorange(min_run_time=settings.block_s).median
+        calls[key] = max(1, round(settings.block_s / seconds))
     times: dict[str, list[float]] = {key: [] for key in steps}
     for round_index in range(settings.rounds):
         order = list(steps) if round_index % 2 == 0 else list(reversed(steps))
@@ -377,6 +380,25 @@ def capture_graph(step: Callable):
     with torch.cuda.graph(graph):
         outputs = step()
     return graph, outputs
+
+
+def graph_replays(label: str, steps: dict[str, Callable], names: list[str], theirs, reference,
+                  dtype: torch.dtype, row: dict) -> dict[str, Callable]:
+    """nn.LSTM's and FusedLSTM's steps replayed from CUDA graphs, FusedLSTM's checked
+    again; a capture that fails is recorded in the row and left out."""
+    replays = {}
+    for key in (NN_LSTM, FUSED):
+        try:
+            graph, outputs = capture_graph(steps[key])
+        except Exception as error:  # noqa: BLE001  (whatever the reason, it is a result)
+            row[f"{key}_graph_capture_error"] = str(error).splitlines()[0]
+            continue
+        if key == FUSED:
+            graph.replay()
+            check_outputs(f"{label}, replayed from a CUDA graph", names, outputs, theirs,
+                          reference, dtype)
+        replays[f"{key}_graph"] = graph.replay
+    return replays
 
 
 def training_peak_mib(step: Callable) -> float:
@@ -412,9 +434,9 @@ def run_case(shape: Shape, dtype_name: str, mode: str, args, settings: Settings)
     row.update(check_outputs(label, names, ours, theirs, reference, dtype))
     del ours
 
-    loop_s = estimate_loop_s(modules[LOOP], shape, args, dtype, mode)
+    loop_s = estimate_loop_s(modules[LOOP], shape, args, dtype, mode, settings)
     row["loop_estimate_ms"] = loop_s * 1e3
-    # Its warm-up, a few blocks of at least one call, and the peak-memory call.
+    # A case calls each step about rounds + 3 times: warm-up, rounds, peak memory.
     if loop_s * (settings.rounds + 3) > settings.loop_budget_s:
         row["loop_skipped"] = f"~{loop_s:.1f} s per call"
         del steps[LOOP]
@@ -423,19 +445,7 @@ def run_case(shape: Shape, dtype_name: str, mode: str, args, settings: Settings)
         for key, step in steps.items():
             row[f"{key}_peak_mib"] = training_peak_mib(step)
 
-    graphs = {}
-    if args.graph:
-        for key in (NN_LSTM, FUSED):
-            try:
-                graph, outputs = capture_graph(steps[key])
-            except Exception as error:  # noqa: BLE001  (a failed capture is a result: recorded)
-                row[f"{key}_graph_capture_error"] = str(error).splitlines()[0]
-                continue
-            if key == FUSED:
-                graph.replay()
-                check_outputs(f"{label}, replayed from a CUDA graph", names, outputs, theirs,
-                              reference, dtype)
-            graphs[f"{key}_graph"] = graph.replay
+    graphs = graph_replays(label, steps, names, theirs, reference, dtype, row) if args.graph else {}
     del theirs, reference
 
     times = time_interleaved({**steps, **graphs}, settings)
@@ -446,7 +456,8 @@ def run_case(shape: Shape, dtype_name: str, mode: str, args, settings: Settings)
     if LOOP in times:
         row["speedup_vs_loop"] = median_ratio(times[LOOP], times[FUSED])
     if f"{NN_LSTM}_graph" in times and f"{FUSED}_graph" in times:
-        row["graph_speedup_vs_nn_lstm"] = median_ratio(times[f"{NN_LSTM}_graph"], times[f"{FUSED}_graph"])
+        row["graph_speedup_vs_nn_lstm"] = median_ratio(times[f"{NN_LSTM}_graph"],
+                                                       times[f"{FUSED}_graph"])
     return row
 
 
@@ -455,26 +466,32 @@ def run_case(shape: Shape, dtype_name: str, mode: str, args, settings: Settings)
 def header(meta: dict, args: argparse.Namespace, settings: Settings) -> str:
     if meta["device"] == "cuda":
         device = (f"{meta['gpu']} ({meta['multiprocessors']} SMs, {meta['gpu_memory_gib']} GiB), "
-                  f"CUDA {meta['cuda']}, cuDNN {meta['cudnn']}, TF32 in cuDNN "
-                  f"{'on' if meta['cudnn_allow_tf32'] else 'off'}, in matmuls "
-                  f"{'on' if meta['matmul_allow_tf32'] else 'off'}; host {meta['cpu']}")
+                  f"CUDA {meta['cuda']}, cuDNN {meta['cudnn']}; float32 precision of cuDNN's "
+                  f"RNNs {meta['cudnn_rnn_fp32_precision']}, of matmuls "
+                  f"{meta['matmul_fp32_precision']}; host {meta['cpu']}")
     else:
         device = f"CPU: {meta['cpu']} ({meta['logical_cpus']} logical CPUs)"
     commit = f" (git {meta['git_commit']})" if meta["git_commit"] else ""
-    return "\n".join([
+    lines = [
         "## fused_lstm benchmark",
         "",
         f"- {device}",
-        f"- torch {meta['torch']}, {meta['threads']} CPU threads, fused_lstm "
-        f"{meta['fused_lstm']}{commit}, Python {meta['python']}; {meta['date']}",
-        f"- {args.layers} layer{'s' if args.layers > 1 else ''}, "
-        f"{'bidirectional' if args.bidirectional else 'one direction'}, "
-        "time-major input, no initial state; fwd: inference under no_grad; fwd+bwd: a "
-        "training step (forward, gradients of the input and of every parameter)",
-        f"- times: median ms per call over {settings.rounds} interleaved rounds "
-        "(torch.utils.benchmark); speed-up: median over rounds of the other's time divided "
-        "by FusedLSTM's (above 1: FusedLSTM is faster)",
-    ])
+        (f"- torch {meta['torch']}, {meta['threads']} CPU threads, fused_lstm "
+         f"{meta['fused_lstm']}{commit}, Python {meta['python']}; {meta['date']}"),
+        (f"- {args.layers} layer{'s' if args.layers > 1 else ''}, "
+         f"{'bidirectional' if args.bidirectional else 'one direction'}, time-major input, "
+         "no initial state; fwd: inference under no_grad; fwd+bwd: a training step (forward, "
+         "gradients of the input and of every parameter)"),
+        (f"- times: median ms per call over {settings.rounds} interleaved rounds "
+         "(torch.utils.benchmark); speed-up: median over rounds of the other's time divided "
+         "by FusedLSTM's (above 1: FusedLSTM is faster)"),
+    ]
+    if meta["device"] == "cuda":
+        lines.append("- train peak MiB: torch.cuda.max_memory_allocated() during one training "
+                     "step, less what was allocated before it")
+    if args.graph:
+        lines.append("- graph: the same step captured once in a CUDA graph and replayed")
+    return "\n".join(lines)
 
 
 def format_ms(row: dict, key: str) -> str:
@@ -524,7 +541,8 @@ def write_results(out: Path, meta: dict, args: argparse.Namespace, rows: list[di
     # The CSV holds one value per cell: the per-round times stay in the JSON.
     fields: list[str] = []
     for row in rows:
-        fields += [key for key, value in row.items() if not isinstance(value, list) and key not in fields]
+        fields += [key for key, value in row.items()
+                   if not isinstance(value, list) and key not in fields]
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fields, extrasaction="ignore")
         writer.writeheader()
@@ -538,8 +556,8 @@ def plot(path: Path, meta: dict, rows: list[dict]) -> None:
     try:
         import matplotlib
     except ImportError:
-        print(f"matplotlib is not installed: {path.name} not written "
-              "(pip install matplotlib); results.json and results.csv are", file=sys.stderr)
+        print(f"matplotlib is not installed (pip install matplotlib): no {path.name}; "
+              "results.json and results.csv are written", file=sys.stderr)
         return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -548,7 +566,9 @@ def plot(path: Path, meta: dict, rows: list[dict]) -> None:
     modes = list(dict.fromkeys(row["mode"] for row in rows))
     shapes = list(dict.fromkeys(row["shape"] for row in rows))
     dtypes = list(dict.fromkeys(row["dtype"] for row in rows))
-    baselines = [("speedup_vs_nn_lstm", "over nn.LSTM"), ("speedup_vs_loop", "over the Python loop")]
+    baselines = [("speedup_vs_nn_lstm", "over nn.LSTM"),
+                 ("speedup_vs_loop", "over the Python loop")]
+    by_case = {(row["shape"], row["dtype"], row["mode"]): row for row in rows}
     figure, axes = plt.subplots(len(baselines), len(modes), squeeze=False,
                                 figsize=(max(7.0, 1.5 * len(shapes) * len(modes) + 2), 8))
     width = 0.8 / len(dtypes)
@@ -556,11 +576,12 @@ def plot(path: Path, meta: dict, rows: list[dict]) -> None:
     for (key, baseline), axes_row in zip(baselines, axes):
         for mode, ax in zip(modes, axes_row):
             for k, dtype in enumerate(dtypes):
-                values = [next((row.get(key, math.nan) for row in rows if (row["shape"], row["dtype"],
-                                row["mode"]) == (shape, dtype, mode)), math.nan) for shape in shapes]
+                values = [by_case.get((shape, dtype, mode), {}).get(key, math.nan)
+                          for shape in shapes]
                 bars = ax.bar([i + (k - (len(dtypes) - 1) / 2) * width for i in range(len(shapes))],
                               values, width, label=dtype)
-                ax.bar_label(bars, [f"{v:.2f}" if math.isfinite(v) else "" for v in values], fontsize=7)
+                ax.bar_label(bars, [f"{v:.2f}" if math.isfinite(v) else "" for v in values],
+                             fontsize=7)
             ax.axhline(1.0, color="black", linewidth=0.8)
             ax.set_yscale("log")
             ax.yaxis.set_major_formatter(times)
@@ -571,8 +592,8 @@ def plot(path: Path, meta: dict, rows: list[dict]) -> None:
             ax.set_ylabel(f"FusedLSTM's speed-up {baseline}", fontsize=9)
             ax.margins(y=0.1)
     device = meta.get("gpu") if meta["device"] == "cuda" else meta["cpu"]
-    figure.suptitle(f"{device}, torch {meta['torch']}, {meta['threads']} CPU threads, {meta['date']}",
-                    fontsize=10)
+    figure.suptitle(f"{device}, torch {meta['torch']}, {meta['threads']} CPU threads, "
+                    f"{meta['date']}", fontsize=10)
     figure.legend(*axes[0][0].get_legend_handles_labels(), loc="upper center", ncol=len(dtypes),
                   bbox_to_anchor=(0.5, 0.96), fontsize=8)
     figure.tight_layout(rect=(0, 0, 1, 0.93))
