@@ -21,6 +21,14 @@ spec.loader.exec_module(run)
 TINY = ["--device", "cpu", "--quick", "--threads", "1", "--shapes", "7,3,4,5"]
 
 
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    # main() sets torch's threads for the whole process: give the other tests theirs back.
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_writes_table_json_csv_and_plot(tmp_path, capsys):
     rows = run.main(TINY + ["--dtype", "float32", "bfloat16", "--out", str(tmp_path)])
 
