@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
-SOURCES := $(wildcard setup.py pyproject.toml csrc/*.* csrc/cpu/*.* csrc/cuda/*.*)
+SOURCES := $(wildcard Makefile setup.py pyproject.toml csrc/*.* csrc/cpu/*.* csrc/cuda/*.*)
 
 .PHONY: bench test clean
 
