@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> list[Run]:
     args, corpus, description = parse_args(argv)
     print(f"corpus: {description}, vocabulary {len(TOKENS)}; minibatches of {args.batch_size} x "
           f"{args.seq_len}, {args.sampling} sampling; device {args.device}, "
-          f"{torch.get_num_threads()} CPU threads", flush=True)
+          f"CPU threads {torch.get_num_threads()}", flush=True)
     runs = [train(name, corpus, args) for name in args.model]
     print(summary(runs))
     if args.plot is not None:
