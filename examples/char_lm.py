@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import os
 import re
 import string
 import sys
@@ -43,6 +44,7 @@ from fused_lstm import FusedLSTM, ReferenceLSTM
 RECURRENT_LAYERS = {"fused": FusedLSTM, "nn": nn.LSTM, "loop": ReferenceLSTM}
 TOKENS = ["<unk>", " ", *string.ascii_lowercase]
 TOKEN_INDEX = {token: index for index, token in enumerate(TOKENS)}
+UNKNOWN = TOKEN_INDEX["<unk>"]
 
 
 def preprocess(text: str) -> str:
@@ -50,7 +52,7 @@ def preprocess(text: str) -> str:
 
 
 def encode(text: str) -> Tensor:
-    return torch.tensor([TOKEN_INDEX.get(char, 0) for char in text], dtype=torch.long)
+    return torch.tensor([TOKEN_INDEX.get(char, UNKNOWN) for char in text], dtype=torch.long)
 
 
 def decode(ids: list[int]) -> str:
@@ -281,6 +283,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Tensor, str]
         if args.plot.rpartition(".")[2].lower() not in formats:
             parser.error(f"--plot {args.plot}: the file name must end in one of "
                          f"{', '.join('.' + f for f in sorted(formats))}")
+        if not os.path.isdir(os.path.dirname(args.plot) or "."):
+            parser.error(f"--plot {args.plot}: no such directory")
 
     if args.text is None:
         from pydoc_data.topics import topics

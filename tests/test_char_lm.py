@@ -34,7 +34,7 @@ def test_preprocess_and_vocabulary():
     assert len(char_lm.TOKENS) == 28  # the seed's: 26 letters, space and unknown
     ids = char_lm.encode("time traveller")
     assert char_lm.decode(ids.tolist()) == "time traveller"
-    assert char_lm.encode("a1").tolist() == [char_lm.TOKEN_INDEX["a"], 0]
+    assert char_lm.encode("a1").tolist() == [char_lm.TOKEN_INDEX["a"], char_lm.UNKNOWN]
 
 
 @pytest.mark.parametrize("sampling", ["sequential", "random"])
@@ -143,6 +143,9 @@ def test_other_bad_arguments_are_clear_errors(monkeypatch, capsys):
     assert "--steps: must be a positive integer, got 0" in _error(["--steps", "0"], capsys)
     assert "invalid choice" in _error(["--model", "gru"], capsys)
     assert "--device nonsense" in _error(["--device", "nonsense"], capsys)
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert "no such directory" in _error(["--plot", "/nonexistent/curves.png"], capsys)
+        assert "must end in one of" in _error(["--plot", "curves.txt"], capsys)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     assert "--plot needs matplotlib" in _error(["--plot", "curves.png"], capsys)
 
