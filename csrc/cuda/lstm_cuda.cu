@@ -34,8 +34,8 @@ template <typename Program, typename Tile, typename Step>
 __global__ void __launch_bounds__(Tile::kThreads) step_kernel(const Step step) {
   __shared__ typename Program::Shared shared;
   ThisThread<typename Program::Thread> block;
-  Program::run(block, shared, step, static_cast<int64_t>(blockIdx.x) * Tile::kRows,
-               static_cast<int64_t>(blockIdx.y) * Tile::kUnits);
+  run_block<Program, Tile>(block, shared, step, static_cast<int64_t>(blockIdx.x) * Tile::kRows,
+                           static_cast<int64_t>(blockIdx.y) * Tile::kUnits);
 }
 
 // Launches one step's grid on the current stream.

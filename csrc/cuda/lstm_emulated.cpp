@@ -38,7 +38,7 @@ struct OnHost {
         EmulatedBlock<typename Program::Thread> block{
             std::vector<typename Program::Thread>(Tile::kThreads)};
         for (auto& thread : block.threads) std::memset(&thread, 0xff, sizeof(thread));
-        Program::run(block, shared, step, x * Tile::kRows, y * Tile::kUnits);
+        run_block<Program, Tile>(block, shared, step, x * Tile::kRows, y * Tile::kUnits);
       }
     }
   }

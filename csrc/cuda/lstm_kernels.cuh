@@ -110,6 +110,24 @@ C10_HOST_DEVICE inline UnitGates<acc_t> cell_backward(const UnitGates<acc_t>& ga
           grad_h * tanh_c * gates.o * (one - gates.o)};
 }
 
+// The work of one block of a step kernel (Program: ForwardBlock or BackwardBlock) on
+// rows [row0, row0 + kRows) and units [unit0, unit0 + kUnits): the recurrent product in
+// kDepth slices, each staged in shared memory between two barriers, then the cell.
+template <typename Program, typename Tile, typename Block>
+C10_HOST_DEVICE void run_block(Block& block, typename Program::Shared& s,
+                               const typename Program::Step& p, int64_t row0, int64_t unit0) {
+  using Thread = typename Program::Thread;
+  block.for_each_thread([&](int, Thread& th) { Program::clear(th); });
+  const int64_t depth = Program::depth(p);
+  for (int64_t k0 = 0; k0 < depth; k0 += Tile::kDepth) {
+    block.for_each_thread([&](int tid, Thread&) { Program::load(s, p, row0, unit0, k0, tid); });
+    block.sync();
+    block.for_each_thread([&](int tid, Thread& th) { Program::multiply(s, tid, th); });
+    block.sync();
+  }
+  block.for_each_thread([&](int tid, Thread& th) { Program::finish(p, row0, unit0, tid, th); });
+}
+
 template <typename Tile, typename scalar_t, typename acc_t>
 struct ForwardBlock;
 template <typename Tile, typename scalar_t, typename acc_t>
@@ -149,17 +167,8 @@ struct ForwardBlock {
   };
   using Step = ForwardStep<scalar_t, acc_t>;
 
-  template <typename Block>
-  C10_HOST_DEVICE static void run(Block& block, Shared& s, const Step& p, int64_t row0, int64_t unit0) {
-    block.for_each_thread([&](int, Thread& th) { clear(th); });
-    for (int64_t k0 = 0; k0 < p.output_size; k0 += Tile::kDepth) {
-      block.for_each_thread([&](int tid, Thread&) { load(s, p, row0, unit0, k0, tid); });
-      block.sync();
-      block.for_each_thread([&](int tid, Thread& th) { multiply(s, tid, th); });
-      block.sync();
-    }
-    block.for_each_thread([&](int tid, Thread& th) { finish(p, row0, unit0, tid, th); });
-  }
+  // The length of the recurrent product: over the P columns of h_{t-1}.
+  C10_HOST_DEVICE static int64_t depth(const Step& p) { return p.output_size; }
 
   C10_HOST_DEVICE static void clear(Thread& th) {
     for (int m = 0; m < Tile::kThreadRows; ++m)
@@ -272,17 +281,9 @@ struct BackwardBlock {
   };
   using Step = BackwardStep<scalar_t, acc_t>;
 
-  template <typename Block>
-  C10_HOST_DEVICE static void run(Block& block, Shared& s, const Step& p, int64_t row0, int64_t unit0) {
-    block.for_each_thread([&](int, Thread& th) { clear(th); });
-    const int64_t depth = p.grad_gates_next ? 4 * p.hidden_size : 0;
-    for (int64_t k0 = 0; k0 < depth; k0 += Tile::kDepth) {
-      block.for_each_thread([&](int tid, Thread&) { load(s, p, row0, unit0, k0, tid); });
-      block.sync();
-      block.for_each_thread([&](int tid, Thread& th) { multiply(s, tid, th); });
-      block.sync();
-    }
-    block.for_each_thread([&](int tid, Thread& th) { finish(p, row0, unit0, tid, th); });
+  // The length of the recurrent product: over the 4H gate rows (none without grad_gates_next).
+  C10_HOST_DEVICE static int64_t depth(const Step& p) {
+    return p.grad_gates_next ? 4 * p.hidden_size : 0;
   }
 
   C10_HOST_DEVICE static void clear(Thread& th) {
