@@ -44,6 +44,21 @@ struct Tile {
   // The m-th row and u-th unit (within the block's tile) of thread `tid`.
   C10_HOST_DEVICE static int row(int tid, int m) { return tid / kColumns + m * (Rows / ThreadRows); }
   C10_HOST_DEVICE static int unit(int tid, int u) { return tid % kColumns + u * kColumns; }
+
+  // Calls f(m, u, b, j) for the pairs of thread `tid` that lie inside the [batch, H]
+  // matrix: its m-th row b and u-th unit j.
+  template <typename F>
+  C10_HOST_DEVICE static void for_each_pair(int tid, int64_t row0, int64_t unit0, int64_t batch,
+                                            int64_t H, const F& f) {
+    FUSED_LSTM_UNROLL
+    for (int m = 0; m < ThreadRows; ++m) {
+      FUSED_LSTM_UNROLL
+      for (int u = 0; u < ThreadUnits; ++u) {
+        const int64_t b = row0 + row(tid, m), j = unit0 + unit(tid, u);
+        if (b < batch && j < H) f(m, u, b, j);
+      }
+    }
+  }
 };
 
 // Few rows: more, smaller blocks so that a small batch still spreads over the SMs.
@@ -197,14 +212,14 @@ struct ForwardBlock {
   }
 
   C10_HOST_DEVICE static void multiply(const Shared& s, int tid, Thread& th) {
-FUSED_LSTM_UNROLL
+    FUSED_LSTM_UNROLL
     for (int kd = 0; kd < Tile::kDepth; ++kd) {
-FUSED_LSTM_UNROLL
+      FUSED_LSTM_UNROLL
       for (int m = 0; m < Tile::kThreadRows; ++m) {
         const acc_t h = s.h[kd][Tile::row(tid, m)];
-FUSED_LSTM_UNROLL
+        FUSED_LSTM_UNROLL
         for (int u = 0; u < Tile::kThreadUnits; ++u)
-FUSED_LSTM_UNROLL
+          FUSED_LSTM_UNROLL
           for (int q = 0; q < 4; ++q)
             th.acc[m][u][q] += h * s.w[kd][q * Tile::kUnits + Tile::unit(tid, u)];
       }
@@ -213,35 +228,29 @@ FUSED_LSTM_UNROLL
 
   C10_HOST_DEVICE static void finish(const Step& p, int64_t row0, int64_t unit0, int tid, Thread& th) {
     const int64_t H = p.hidden_size;
-FUSED_LSTM_UNROLL
-    for (int m = 0; m < Tile::kThreadRows; ++m) {
-FUSED_LSTM_UNROLL
-      for (int u = 0; u < Tile::kThreadUnits; ++u) {
-        const int64_t b = row0 + Tile::row(tid, m), j = unit0 + Tile::unit(tid, u);
-        if (b >= p.batch || j >= H) continue;
-        acc_t* g = p.gates + b * 4 * H + j;
-        const int64_t at = b * H + j;
-        if (b >= p.rows) {
-          g[0] = g[H] = g[2 * H] = g[3 * H] = acc_t(0);
-          p.cells[at] = p.hidden[at] = acc_t(0);
-          continue;
-        }
-        UnitGates<acc_t> gates{g[0] + th.acc[m][u][0], g[H] + th.acc[m][u][1],
-                               g[2 * H] + th.acc[m][u][2], g[3 * H] + th.acc[m][u][3]};
-        acc_t c, h;
-        cell_forward(gates, (b < p.carried ? p.c_carried : p.c_initial)[at], c, h);
-        g[0] = gates.i;
-        g[H] = gates.f;
-        g[2 * H] = gates.g;
-        g[3 * H] = gates.o;
-        p.cells[at] = c;
-        p.hidden[at] = h;
-        if (b >= p.rows_next) {
-          p.c_n[at] = c;
-          if (p.h_n) p.h_n[at] = h;
-        }
+    Tile::for_each_pair(tid, row0, unit0, p.batch, H, [&](int m, int u, int64_t b, int64_t j) {
+      acc_t* g = p.gates + b * 4 * H + j;
+      const int64_t at = b * H + j;
+      if (b >= p.rows) {
+        g[0] = g[H] = g[2 * H] = g[3 * H] = acc_t(0);
+        p.cells[at] = p.hidden[at] = acc_t(0);
+        return;
       }
-    }
+      UnitGates<acc_t> gates{g[0] + th.acc[m][u][0], g[H] + th.acc[m][u][1],
+                             g[2 * H] + th.acc[m][u][2], g[3 * H] + th.acc[m][u][3]};
+      acc_t c, h;
+      cell_forward(gates, (b < p.carried ? p.c_carried : p.c_initial)[at], c, h);
+      g[0] = gates.i;
+      g[H] = gates.f;
+      g[2 * H] = gates.g;
+      g[3 * H] = gates.o;
+      p.cells[at] = c;
+      p.hidden[at] = h;
+      if (b >= p.rows_next) {
+        p.c_n[at] = c;
+        if (p.h_n) p.h_n[at] = h;
+      }
+    });
   }
 };
 
@@ -309,12 +318,12 @@ struct BackwardBlock {
   }
 
   C10_HOST_DEVICE static void multiply(const Shared& s, int tid, Thread& th) {
-FUSED_LSTM_UNROLL
+    FUSED_LSTM_UNROLL
     for (int kd = 0; kd < Tile::kDepth; ++kd) {
-FUSED_LSTM_UNROLL
+      FUSED_LSTM_UNROLL
       for (int m = 0; m < Tile::kThreadRows; ++m) {
         const acc_t g = s.g[kd][Tile::row(tid, m)];
-FUSED_LSTM_UNROLL
+        FUSED_LSTM_UNROLL
         for (int u = 0; u < Tile::kThreadUnits; ++u) th.acc[m][u] += g * s.w[kd][Tile::unit(tid, u)];
       }
     }
@@ -322,35 +331,29 @@ FUSED_LSTM_UNROLL
 
   C10_HOST_DEVICE static void finish(const Step& p, int64_t row0, int64_t unit0, int tid, Thread& th) {
     const int64_t H = p.hidden_size;
-FUSED_LSTM_UNROLL
-    for (int m = 0; m < Tile::kThreadRows; ++m) {
-FUSED_LSTM_UNROLL
-      for (int u = 0; u < Tile::kThreadUnits; ++u) {
-        const int64_t b = row0 + Tile::row(tid, m), j = unit0 + Tile::unit(tid, u);
-        if (b >= p.batch || j >= H) continue;
-        const int64_t at = b * H + j;
-        const acc_t grad_h = b < p.rows_next ? th.acc[m][u] : p.grad_h[at];
-        if (b >= p.rows) {
-          // Not live at s: a row live at s+1 started there from h0, so this is grad_h0.
-          if (b < p.rows_next) p.grad_h[at] = grad_h;
-          if (p.grad_gates) {
-            acc_t* dg = p.grad_gates + b * 4 * H + j;
-            dg[0] = dg[H] = dg[2 * H] = dg[3 * H] = acc_t(0);
-          }
-          continue;
+    Tile::for_each_pair(tid, row0, unit0, p.batch, H, [&](int m, int u, int64_t b, int64_t j) {
+      const int64_t at = b * H + j;
+      const acc_t grad_h = b < p.rows_next ? th.acc[m][u] : p.grad_h[at];
+      if (b >= p.rows) {
+        // Not live at s: a row live at s+1 started there from h0, so this is grad_h0.
+        if (b < p.rows_next) p.grad_h[at] = grad_h;
+        if (p.grad_gates) {
+          acc_t* dg = p.grad_gates + b * 4 * H + j;
+          dg[0] = dg[H] = dg[2 * H] = dg[3 * H] = acc_t(0);
         }
-        const acc_t* g = p.gates + b * 4 * H + j;
-        const UnitGates<acc_t> gates{g[0], g[H], g[2 * H], g[3 * H]};
-        const UnitGates<acc_t> grad = cell_backward(
-            gates, p.cells[at], (b < p.carried ? p.c_carried : p.c_initial)[at],
-            grad_h + (p.grad_output ? p.grad_output[at] : acc_t(0)), p.grad_c[at]);
-        acc_t* dg = p.grad_gates + b * 4 * H + j;
-        dg[0] = grad.i;
-        dg[H] = grad.f;
-        dg[2 * H] = grad.g;
-        dg[3 * H] = grad.o;
+        return;
       }
-    }
+      const acc_t* g = p.gates + b * 4 * H + j;
+      const UnitGates<acc_t> gates{g[0], g[H], g[2 * H], g[3 * H]};
+      const UnitGates<acc_t> grad = cell_backward(
+          gates, p.cells[at], (b < p.carried ? p.c_carried : p.c_initial)[at],
+          grad_h + (p.grad_output ? p.grad_output[at] : acc_t(0)), p.grad_c[at]);
+      acc_t* dg = p.grad_gates + b * 4 * H + j;
+      dg[0] = grad.i;
+      dg[H] = grad.f;
+      dg[2 * H] = grad.g;
+      dg[3 * H] = grad.o;
+    });
   }
 };
 
