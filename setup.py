@@ -66,13 +66,17 @@ class BuildWithIsaFlags(BuildExtension):
 
 def _extension():
     use_cuda = _want_cuda()
-    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+    # csrc/cuda/*.cpp: host code of the CUDA kernels that every build compiles (the host
+    # emulation of the step kernels that the tests run without a GPU).
+    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp") + _sources("csrc/cuda/*.cpp")
     macros = [("TORCH_EXTENSION_NAME", "_C")]
     if platform.machine().lower() in ("x86_64", "amd64") and platform.system() != "Windows":
         macros.append(("FUSED_LSTM_HAVE_AVX2", "1"))
     else:
         sources = [src for src in sources if src not in ISA_SOURCES]
-    cxx = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+    # No -std: torch.utils.cpp_extension adds the standard its headers need (C++20 since
+    # torch 2.14, whose headers no longer compile as C++17).
+    cxx = ["-O3", "-fvisibility=hidden"]
     link = []
     if platform.system() != "Windows":
         # at::parallel_for runs in parallel only in code compiled with OpenMP; the
@@ -85,7 +89,7 @@ def _extension():
             extra_compile_args={"cxx": cxx}, extra_link_args=link,
         )
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    nvcc = ["-O3", "-std=c++17", "-lineinfo"]
+    nvcc = ["-O3", "-lineinfo"]
     return CUDAExtension(
         "fused_lstm._C", sources + _sources("csrc/cuda/*.cu"),
         define_macros=macros + [("FUSED_LSTM_WITH_CUDA", "1")],

@@ -1,0 +1,211 @@
+// The host side of the CUDA op: the input projection as one GEMM, the time loop with one
+// step launch per time step, and the weight gradients as GEMMs after the loop. `Run`
+// runs the blocks of one step (see run_step): on the GPU (lstm_cuda.cu), or block by block
+// and thread by thread on the host (lstm_emulated.cpp, for the tests), so that everything
+// but the launch itself is the same code on both.
+//
+// Every tensor the kernels touch is contiguous and in acc_t (float32 for bfloat16 and
+// float16), except w_hh, which they read in the input's dtype. Dead rows (not live at a
+// step) are zeroed by the step kernels themselves, and h_n, c_n are written by the step at
+// which each row ends, so that one step is one launch without a projection. With w_hr the
+// projection and the recurrent gradient through it are ATen GEMMs per step.
+// No host synchronisation: batch_sizes is a CPU tensor, read before anything is launched.
+#pragma once
+
+#include "../lstm.h"
+#include "lstm_kernels.cuh"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+
+namespace fused_lstm::cuda {
+
+// Contiguous, in dtype `acc`; undefined stays undefined.
+inline at::Tensor prepare(const at::Tensor& t, at::ScalarType acc) {
+  return t.defined() ? t.to(acc).contiguous() : t;
+}
+inline at::Tensor prepare(const std::optional<at::Tensor>& t, at::ScalarType acc) {
+  return t.has_value() ? prepare(*t, acc) : at::Tensor();
+}
+// A fresh contiguous copy in dtype `acc` (the buffer of a carried gradient), zeros if undefined.
+inline at::Tensor fresh_copy(const std::optional<at::Tensor>& t, at::IntArrayRef shape,
+                             const at::TensorOptions& opts) {
+  if (!t.has_value() || !t->defined()) return at::zeros(shape, opts);
+  return t->to(opts.dtype().toScalarType(), /*non_blocking=*/false, /*copy=*/true,
+               at::MemoryFormat::Contiguous);
+}
+
+template <typename Run, typename scalar_t>
+ForwardResult forward_layer(const Dims& d, const std::vector<int64_t>& live,
+                            const at::Tensor& input, const at::Tensor& h0_in,
+                            const at::Tensor& c0_in, const at::Tensor& w_ih,
+                            const at::Tensor& w_hh_in, const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& w_hr_in, bool reverse) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+  const int64_t T = d.seq_len, B = d.batch, H = d.hidden_size, P = d.output_size;
+  const at::Tensor w_hr = prepare(w_hr_in, acc);
+  const bool projected = w_hr.defined();
+  const auto opts = input.options().dtype(acc);
+  at::Tensor gates = at::empty({T, B, 4 * H}, opts);
+  at::Tensor cells = at::empty({T, B, H}, opts);
+  // With w_hr the GEMM writes only the live rows of each step's output.
+  at::Tensor output = projected ? at::zeros({T, B, P}, opts) : at::empty({T, B, P}, opts);
+  at::Tensor hidden = projected ? at::empty({B, H}, opts) : at::Tensor();
+  at::Tensor h_n = at::empty({B, P}, opts);
+  at::Tensor c_n = at::empty({B, H}, opts);
+
+  at::Tensor gates2d = gates.view({T * B, 4 * H});
+  const at::Tensor x2d = prepare(input, acc).view({T * B, d.input_size});
+  const at::Tensor w_ih_t = w_ih.to(acc).t();
+  if (bias.has_value() && bias->defined()) {
+    at::addmm_out(gates2d, bias->to(acc), x2d, w_ih_t);
+  } else {
+    at::mm_out(gates2d, x2d, w_ih_t);
+  }
+
+  const at::Tensor w_hh = w_hh_in.contiguous();
+  const at::Tensor h0 = prepare(h0_in, acc), c0 = prepare(c0_in, acc);
+  const at::Tensor w_hr_t = projected ? w_hr.t() : at::Tensor();
+  acc_t* const g = gates.data_ptr<acc_t>();
+  acc_t* const c = cells.data_ptr<acc_t>();
+  acc_t* const out = output.data_ptr<acc_t>();
+  for (int64_t s = 0; s < T; ++s) {
+    const StepRows r = step_rows(s, T, reverse, live.data());
+    run_step<Run>(ForwardStep<scalar_t, acc_t>{
+        w_hh.data_ptr<scalar_t>(), out + r.t_prev * B * P, h0.data_ptr<acc_t>(),
+        c + r.t_prev * B * H, c0.data_ptr<acc_t>(), g + r.t * B * 4 * H, c + r.t * B * H,
+        projected ? hidden.data_ptr<acc_t>() : out + r.t * B * P,
+        projected ? nullptr : h_n.data_ptr<acc_t>(), c_n.data_ptr<acc_t>(), B, H, P, r.rows,
+        r.carried, r.rows_next});
+    if (projected) {
+      at::Tensor out_live = output[r.t].narrow(0, 0, r.rows);
+      at::mm_out(out_live, hidden.narrow(0, 0, r.rows), w_hr_t);
+      if (r.rows > r.rows_next) {
+        const int64_t ending = r.rows - r.rows_next;
+        h_n.narrow(0, r.rows_next, ending).copy_(output[r.t].narrow(0, r.rows_next, ending));
+      }
+    }
+  }
+  const auto dtype = input.scalar_type();
+  return {output.to(dtype), h_n.to(dtype), c_n.to(dtype), gates, cells};
+}
+
+template <typename Run, typename scalar_t>
+BackwardResult backward_layer(const Dims& d,
+                              const std::vector<int64_t>& live,
+                              const std::optional<at::Tensor>& grad_output_in,
+                              const std::optional<at::Tensor>& grad_h_n,
+                              const std::optional<at::Tensor>& grad_c_n, const at::Tensor& input,
+                              const at::Tensor& h0_in, const at::Tensor& c0_in,
+                              const at::Tensor& w_ih_in, const at::Tensor& w_hh_in,
+                              const std::optional<at::Tensor>& w_hr_in, bool reverse,
+                              const at::Tensor& output_in, const at::Tensor& gates_in,
+                              const at::Tensor& cells_in) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+  const int64_t T = d.seq_len, B = d.batch, H = d.hidden_size, P = d.output_size;
+  const at::Tensor w_hr = prepare(w_hr_in, acc);
+  const bool projected = w_hr.defined();
+  const auto opts = input.options().dtype(acc);
+  const at::Tensor grad_output = prepare(grad_output_in, acc);
+  const at::Tensor gates = gates_in.contiguous(), cells = cells_in.contiguous();
+  const at::Tensor c0 = prepare(c0_in, acc);
+  const at::Tensor w_hh = w_hh_in.contiguous();
+  at::Tensor grad_gates = at::empty({T, B, 4 * H}, opts);
+  // The gradients of the state carried between steps: grad_h_n, grad_c_n in; grad_h0,
+  // grad_c0 out.
+  at::Tensor grad_h = fresh_copy(grad_h_n, {B, P}, opts);
+  at::Tensor grad_c = fresh_copy(grad_c_n, {B, H}, opts);
+  // With w_hr: the gradient of every step's output (for grad_w_hr) and of o·tanh(c_t).
+  at::Tensor grad_h_steps = projected ? at::zeros({T, B, P}, opts) : at::Tensor();
+  at::Tensor grad_hidden = projected ? at::empty({B, H}, opts) : at::Tensor();
+  const at::Tensor w_hh_acc = projected ? w_hh.to(acc) : at::Tensor();
+
+  const acc_t* const g = gates.data_ptr<acc_t>();
+  const acc_t* const c = cells.data_ptr<acc_t>();
+  const acc_t* const grad_out = grad_output.defined() ? grad_output.data_ptr<acc_t>() : nullptr;
+  acc_t* const dg = grad_gates.data_ptr<acc_t>();
+  // The step whose grad_gates the next launch multiplies by w_hh: step s+1, then step 0.
+  const acc_t* grad_gates_next = nullptr;
+  for (int64_t s = T - 1; s >= 0; --s) {
+    const StepRows r = step_rows(s, T, reverse, live.data());
+    BackwardStep<scalar_t, acc_t> step{
+        w_hh.data_ptr<scalar_t>(), grad_gates_next,
+        grad_out ? grad_out + r.t * B * P : nullptr, g + r.t * B * 4 * H, c + r.t * B * H,
+        c + r.t_prev * B * H, c0.data_ptr<acc_t>(), grad_h.data_ptr<acc_t>(),
+        grad_c.data_ptr<acc_t>(), dg + r.t * B * 4 * H, B, H, r.rows, r.carried, r.rows_next};
+    if (projected) {
+      at::Tensor grad_h_live = grad_h.narrow(0, 0, r.rows);
+      if (grad_output.defined()) grad_h_live.add_(grad_output[r.t].narrow(0, 0, r.rows));
+      grad_h_steps[r.t].narrow(0, 0, r.rows).copy_(grad_h_live);
+      at::Tensor grad_hidden_live = grad_hidden.narrow(0, 0, r.rows);
+      at::mm_out(grad_hidden_live, grad_h_live, w_hr);
+      // The gradient of h reaches the cell through w_hr: already in grad_hidden.
+      step.grad_h = grad_hidden.data_ptr<acc_t>();
+      step.grad_output = nullptr;
+      step.rows_next = 0;
+      run_step<Run>(step);
+      at::mm_out(grad_h_live, grad_gates[r.t].narrow(0, 0, r.rows), w_hh_acc);
+    } else {
+      run_step<Run>(step);
+      grad_gates_next = step.grad_gates;
+    }
+  }
+  if (!projected) {
+    // No step left: only the recurrent gradient of step 0, into grad_h0 of its rows.
+    const int64_t first = reverse ? T - 1 : 0;
+    run_step<Run>(BackwardStep<scalar_t, acc_t>{
+        w_hh.data_ptr<scalar_t>(), grad_gates_next, nullptr, nullptr, nullptr, nullptr,
+        nullptr, grad_h.data_ptr<acc_t>(), grad_c.data_ptr<acc_t>(), nullptr, B, H, 0, 0,
+        live[first]});
+  }
+
+  auto [grad_input, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] = input_and_weight_grads(
+      d, live, reverse, grad_gates, prepare(input, acc), prepare(h0_in, acc), prepare(w_ih_in, acc),
+      prepare(output_in, acc), gates, cells, grad_h_steps);
+  BackwardResult result{grad_input, grad_h, grad_c, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
+  const auto dtype = input.scalar_type();
+  if (acc != dtype) std::apply([&](auto&... grads) { ((grads = grads.to(dtype)), ...); }, result);
+  return result;
+}
+
+// The op's entry points for a given Run: checks, then the layer in the input's dtype.
+template <typename Run>
+ForwardResult forward(const at::Tensor& input, const at::Tensor& h0,
+                      const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& w_hr,
+                      const std::optional<at::Tensor>& batch_sizes, bool reverse) {
+  const Dims d = check_forward_args(input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes);
+  const auto live = live_rows(batch_sizes, d);
+  ForwardResult result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fused_lstm_forward_cuda", [&] {
+    result = forward_layer<Run, scalar_t>(d, live, input, h0, c0, w_ih, w_hh, bias, w_hr, reverse);
+  });
+  return result;
+}
+
+template <typename Run>
+BackwardResult backward(const std::optional<at::Tensor>& grad_output,
+                        const std::optional<at::Tensor>& grad_h_n,
+                        const std::optional<at::Tensor>& grad_c_n, const at::Tensor& input,
+                        const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+                        const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
+                        const std::optional<at::Tensor>& batch_sizes, bool reverse,
+                        const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells) {
+  const Dims d = check_backward_args(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh,
+                                     w_hr, batch_sizes, output, gates, cells);
+  const auto live = live_rows(batch_sizes, d);
+  BackwardResult result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fused_lstm_backward_cuda", [&] {
+    result = backward_layer<Run, scalar_t>(d, live, grad_output, grad_h_n, grad_c_n, input, h0,
+                                      c0, w_ih, w_hh, w_hr, reverse, output, gates, cells);
+  });
+  return result;
+}
+
+}  // namespace fused_lstm::cuda

@@ -1,0 +1,54 @@
+// The gradients of the input and the weights, computed after the time loop from the
+// gradients of all steps' pre-activations: device-independent ATen, a few big GEMMs.
+#include "lstm.h"
+
+#include <ATen/ops/mm.h>
+#include <ATen/ops/empty.h>
+
+namespace fused_lstm {
+
+InputAndWeightGrads input_and_weight_grads(const Dims& d, const std::vector<int64_t>& live,
+                                           bool reverse, const at::Tensor& grad_gates,
+                                           const at::Tensor& x, const at::Tensor& h0,
+                                           const at::Tensor& w_ih, const at::Tensor& output,
+                                           const at::Tensor& gates, const at::Tensor& cells,
+                                           const at::Tensor& grad_h_steps) {
+  const int64_t T = d.seq_len, B = d.batch, H = d.hidden_size, P = d.output_size;
+  const at::Tensor grad_gates2d = grad_gates.view({T * B, 4 * H});
+  at::Tensor grad_input = at::mm(grad_gates2d, w_ih).view({T, B, d.input_size});
+  at::Tensor grad_w_ih = at::mm(grad_gates2d.t(), x.view({T * B, d.input_size}));
+  at::Tensor grad_bias = grad_gates2d.sum(0);
+
+  // grad_w_hh = sum over steps of grad_gates[t]ᵀ · h_prev[t], where h_prev is the
+  // previous step's output, or h0 on each row's first step.
+  const int64_t first = reverse ? T - 1 : 0;
+  at::Tensor grad_w_hh = at::mm(grad_gates[first].t(), h0);
+  if (T > 1) {
+    const int64_t later_from = reverse ? 0 : 1;  // the steps that have a previous step
+    const int64_t prev_from = reverse ? 1 : 0;
+    grad_w_hh.addmm_(grad_gates.narrow(0, later_from, T - 1).reshape({(T - 1) * B, 4 * H}).t(),
+                     output.narrow(0, prev_from, T - 1).reshape({(T - 1) * B, P}));
+  }
+  if (reverse) {
+    // Packed and reversed, a row starts at its own last step, from h0; the output of
+    // the step before (t + 1) is zero for that row, so add h0's term here.
+    for (int64_t t = 0; t + 1 < T; ++t) {
+      const int64_t k = live[t] - live[t + 1];
+      if (k > 0) {
+        grad_w_hh.addmm_(grad_gates[t].narrow(0, live[t + 1], k).t(), h0.narrow(0, live[t + 1], k));
+      }
+    }
+  }
+
+  at::Tensor grad_w_hr;
+  if (grad_h_steps.defined()) {
+    // The projection's input o·tanh(c_t), recomputed from the saved gates and cells.
+    const at::Tensor hidden = gates.narrow(2, 3 * H, H).mul(cells.tanh());
+    grad_w_hr = at::mm(grad_h_steps.view({T * B, P}).t(), hidden.reshape({T * B, H}));
+  } else {
+    grad_w_hr = at::empty({0}, grad_gates.options());
+  }
+  return {grad_input, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
+}
+
+}  // namespace fused_lstm

@@ -1,0 +1,296 @@
+"""The CUDA op and FusedLSTM on the GPU: against the float64 reference, against nn.LSTM
+(cuDNN, TF32 off) sharing one state_dict, odd shapes, gradcheck, CUDA graphs, a second
+GPU. Every test needs a CUDA device (skipped without one, tests/conftest.py).
+
+Tolerance (DESIGN.md): in float32, bfloat16 and float16 our error against float64 is at
+most about twice the error nn.LSTM makes at the same dtype on the same inputs."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+import fused_lstm  # noqa: F401  (registers the ops)
+from fused_lstm import FusedLSTM, reference
+from conftest import assert_as_accurate_as, max_error
+from test_op import make_args, random_batch_sizes
+
+pytestmark = pytest.mark.cuda
+
+forward = torch.ops.fused_lstm.forward
+backward = torch.ops.fused_lstm.backward
+LOW = [torch.float32, torch.bfloat16, torch.float16]
+DTYPES = [torch.float64, *LOW]
+
+
+@pytest.fixture(autouse=True)
+def _fp32_is_fp32():
+    """nn.LSTM (cuDNN) and every matmul in true float32: TF32 off, restored afterwards."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_kernels_are_registered_for_cuda():
+    for op in ("forward", "backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_lstm::{op}", "CUDA")
+
+
+# ---------------------------------------------------------------- the op against the loop
+
+OP_SHAPES = [(1, 1, 1, 1, None), (7, 3, 5, 33, None), (5, 70, 4, 40, None), (6, 3, 4, 9, 5),
+             (4, 1, 3, 257, None)]
+# relative to the largest value; what the CPU op's tests allow (test_op.py)
+OP_BOUND = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}
+
+
+@pytest.mark.parametrize("T,B,I,H,P", OP_SHAPES)
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_op_matches_float64_reference(T, B, I, H, P, reverse, packed, dtype):
+    args = make_args(T, B, I, H, P, dtype=dtype, device="cuda", scale=0.5)
+    batch_sizes = random_batch_sizes(T, B) if packed else None
+    out, h_n, c_n, gates, cells = forward(*args, batch_sizes, reverse)
+    assert out.device.type == "cuda" and out.dtype == dtype
+    assert gates.dtype == cells.dtype == fused_lstm._ops.accumulate_dtype(dtype)
+    leaves = [None if a is None else a.detach().double().requires_grad_() for a in args]
+    ref = reference.lstm_layer(*leaves, batch_sizes=batch_sizes, reverse=reverse)
+    for ours, theirs in zip((out, h_n, c_n), ref):
+        assert max_error(ours, theirs) <= OP_BOUND[dtype] * max(1.0, theirs.abs().max().item())
+
+    cotangents = [torch.randn_like(t) for t in (out, h_n, c_n)]
+    grads = backward(*cotangents, *args[:5], args[6], batch_sizes, reverse, out, gates, cells)
+    used = [i for i, a in enumerate(args) if a is not None]
+    expected = torch.autograd.grad(ref, [leaves[i] for i in used], [c.double() for c in cotangents])
+    for i, e in zip(used, expected):
+        assert grads[i].dtype == dtype
+        assert max_error(grads[i], e) <= OP_BOUND[dtype] * max(1.0, e.abs().max().item())
+
+
+# ------------------------------------------------------------- FusedLSTM against nn.LSTM
+
+CONFIGS = [
+    dict(),
+    dict(num_layers=2),
+    dict(bidirectional=True),
+    dict(num_layers=2, bidirectional=True, proj_size=3),
+    dict(proj_size=4),
+    dict(bias=False, batch_first=True),
+]
+INPUTS = ["padded", "unbatched", "packed_sorted", "packed_unsorted"]
+
+
+def models(dtype, input_size, hidden_size, **kwargs):
+    """nn.LSTM and FusedLSTM at `dtype` on the GPU sharing one state_dict, and the float64
+    reference (nn.LSTM on the same, rounded, weights). Training mode: cuDNN refuses a
+    backward in eval mode (no dropout here, so the mode changes nothing else)."""
+    lstm = nn.LSTM(input_size, hidden_size, device="cuda", dtype=dtype, **kwargs)
+    fused = FusedLSTM(input_size, hidden_size, device="cuda", dtype=dtype, **kwargs)
+    fused.load_state_dict(lstm.state_dict())
+    return lstm, fused, copy.deepcopy(lstm).double()
+
+
+def make_inputs(kind, T, B, I, lstm, with_state, dtype):
+    """Leaves (input, h0, c0 at `dtype`) and a builder of the module's arguments from them."""
+    layers = lstm.num_layers * (2 if lstm.bidirectional else 1)
+    out_size = lstm.proj_size or lstm.hidden_size
+    unbatched = kind == "unbatched"
+    batch_shape = () if unbatched else (B,)
+    x_shape = (*batch_shape, T, I) if lstm.batch_first and not unbatched else (T, *batch_shape, I)
+    if kind.startswith("packed"):
+        x_shape = (T, B, I)
+    leaves = [torch.randn(*x_shape, device="cuda").to(dtype)]
+    if with_state:
+        leaves += [torch.randn(layers, *batch_shape, out_size, device="cuda").to(dtype),
+                   torch.randn(layers, *batch_shape, lstm.hidden_size, device="cuda").to(dtype)]
+    lengths = torch.randint(1, T + 1, (B,))
+    lengths[0] = T
+    if kind == "packed_sorted":
+        lengths = lengths.sort(descending=True).values
+
+    def arguments(x, *state):
+        if kind.startswith("packed"):
+            x = pack_padded_sequence(x, lengths, enforce_sorted=kind == "packed_sorted")
+        return (x, tuple(state)) if state else (x,)
+
+    return leaves, arguments
+
+
+def outputs_and_grads(module, leaves, arguments, dtype):
+    """Outputs, h_n, c_n and the gradients of the leaves and parameters, for random
+    cotangents drawn at `dtype` from a fixed seed (the same values for every module)."""
+    leaves = [t.detach().requires_grad_() for t in leaves]
+    out, (h_n, c_n) = module(*arguments(*leaves))
+    outputs = [out.data if isinstance(out, PackedSequence) else out, h_n, c_n]
+    g = torch.Generator(device="cuda").manual_seed(1)
+    loss = sum((torch.randn(t.shape, device="cuda", generator=g).to(dtype).to(t.dtype) * t).sum()
+               for t in outputs)
+    grads = torch.autograd.grad(loss, leaves + list(module.parameters()))
+    return [t.detach() for t in outputs] + list(grads)
+
+
+def assert_like_nn_lstm(lstm, fused, ref, leaves, arguments, dtype):
+    ours = outputs_and_grads(fused, leaves, arguments, dtype)
+    theirs = outputs_and_grads(lstm, leaves, arguments, dtype)
+    expected = outputs_and_grads(ref, [t.double() for t in leaves], arguments, dtype)
+    assert len(ours) == len(theirs) == len(expected)
+    for o, t in zip(ours, theirs):
+        assert o.shape == t.shape and o.dtype == t.dtype and o.device == t.device
+    if dtype == torch.float64:
+        for o, e in zip(ours, expected):
+            assert max_error(o, e) <= 1e-10 * max(1.0, e.abs().max().item())
+    else:
+        assert_as_accurate_as(ours, theirs, expected)
+
+
+@pytest.mark.parametrize("kwargs", CONFIGS, ids=str)
+@pytest.mark.parametrize("kind", INPUTS)
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_nn_lstm(kwargs, kind, with_state, dtype):
+    lstm, fused, ref = models(dtype, 6, 20, **kwargs)
+    leaves, arguments = make_inputs(kind, 9, 5, 6, lstm, with_state, dtype)
+    assert_like_nn_lstm(lstm, fused, ref, leaves, arguments, dtype)
+
+
+@pytest.mark.parametrize("T,B,H,kwargs", [
+    (1, 1, 1, dict()), (2000, 1, 33, dict()), (2000, 4, 257, dict(bidirectional=True)),
+    (20, 1024, 257, dict()), (5, 1024, 1000, dict()), (3, 7, 1000, dict(proj_size=100)),
+    (1, 1024, 1, dict(num_layers=2)),
+], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_odd_shapes_match_nn_lstm(T, B, H, kwargs, dtype):
+    lstm, fused, ref = models(dtype, 16, H, **kwargs)
+    leaves, arguments = make_inputs("padded", T, B, 16, lstm, True, dtype)
+    assert_like_nn_lstm(lstm, fused, ref, leaves, arguments, dtype)
+
+
+# ------------------------------------------------------------------ gradients, opcheck
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("P", [None, 2])
+def test_gradcheck(packed, reverse, P):
+    args = [a.requires_grad_() if a is not None else None
+            for a in make_args(4, 3, 2, 3, P, device="cuda")]
+    batch_sizes = torch.tensor([3, 2, 2, 1]) if packed else None
+    f = lambda *a: forward(*a, batch_sizes, reverse)[:3]  # noqa: E731
+    assert torch.autograd.gradcheck(f, args)
+
+
+def test_gradgradcheck():
+    args = [a.requires_grad_() for a in make_args(3, 2, 2, 3, device="cuda") if a is not None]
+    f = lambda *a: forward(*a, None, torch.tensor([2, 2, 1]), True)[:3]  # noqa: E731
+    assert torch.autograd.gradgradcheck(f, args)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_opcheck(packed):
+    args = make_args(4, 3, 2, 5, P=3, dtype=torch.float32, device="cuda")
+    batch_sizes = torch.tensor([3, 3, 2, 1]) if packed else None
+    torch.library.opcheck(forward, (*args, batch_sizes, True))
+    out, h_n, c_n, gates, cells = forward(*args, batch_sizes, True)
+    grads = (torch.randn_like(out), torch.randn_like(h_n), None)
+    torch.library.opcheck(backward, (*grads, *args[:5], args[6], batch_sizes, True, out, gates, cells))
+
+
+def test_backward_in_eval_mode_and_non_contiguous_state():
+    """Where cuDNN refuses ("cudnn RNN backward can only be called in training mode",
+    "rnn: hx is not contiguous"), FusedLSTM runs, with the gradients of train mode."""
+    fused = FusedLSTM(4, 8, num_layers=2, device="cuda").eval()
+    x = torch.randn(5, 3, 4, device="cuda", requires_grad=True)
+    h0 = torch.randn(3, 2, 8, device="cuda").transpose(0, 1)
+    c0 = torch.randn(3, 2, 8, device="cuda").transpose(0, 1)
+    assert not h0.is_contiguous()
+    out, _ = fused(x, (h0, c0))
+    (grad_eval,) = torch.autograd.grad(out.sum(), x)
+    out, _ = fused.train()(x, (h0.contiguous(), c0.contiguous()))
+    (grad_train,) = torch.autograd.grad(out.sum(), x)
+    assert max_error(grad_eval, grad_train) <= 1e-6
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda a: a.__setitem__(1, a[1].cpu()), "h0 on cuda"),
+    (lambda a: a.__setitem__(4, a[4].cpu()), "w_hh on cuda"),
+])
+def test_mixed_devices_raise(mutate, message):
+    args = make_args(3, 2, 4, 5, device="cuda")
+    mutate(args)
+    with pytest.raises(RuntimeError, match=message):
+        forward(*args, None, False)
+
+
+def test_batch_sizes_on_the_gpu_raise():
+    with pytest.raises(RuntimeError, match="CPU tensor"):
+        forward(*make_args(3, 2, 4, 5, device="cuda"), torch.tensor([2, 2, 1], device="cuda"), False)
+
+
+# ------------------------------------------------------------- CUDA graphs, several GPUs
+
+def test_cuda_graph_capture_and_replay_forward_and_backward():
+    model = FusedLSTM(8, 33, num_layers=2, bidirectional=True, proj_size=5, device="cuda")
+    static_x = torch.randn(10, 70, 8, device="cuda")
+    weight = torch.randn(10, 70, 10, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up outside the graph: allocator, cuBLAS handles
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            (model(static_x)[0] * weight).sum().backward()
+    torch.cuda.current_stream().wait_stream(side)
+    model.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out, (static_h, static_c) = model(static_x)
+        (static_out * weight).sum().backward()
+    for _ in range(2):
+        static_x.copy_(torch.randn_like(static_x))
+        graph.replay()
+        out, (h_n, c_n) = model(static_x)
+        expected = torch.autograd.grad((out * weight).sum(), list(model.parameters()))
+        for a, b in zip((static_out, static_h, static_c), (out, h_n, c_n)):
+            assert max_error(a, b) <= 1e-6
+        for p, e in zip(model.parameters(), expected):
+            assert max_error(p.grad, e) <= 1e-5 * max(1.0, e.abs().max().item())
+
+
+def test_cuda_graph_capture_of_the_packed_reverse_op():
+    args = make_args(6, 5, 3, 40, dtype=torch.float32, device="cuda")
+    batch_sizes = torch.tensor([5, 4, 4, 2, 1, 1])
+    forward(*args, batch_sizes, True)  # warm up
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = forward(*args, batch_sizes, True)
+    args[0].copy_(torch.randn_like(args[0]))
+    graph.replay()
+    for a, b in zip(static, forward(*args, batch_sizes, True)):
+        assert max_error(a, b) <= 1e-6
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_runs_on_the_device_of_its_tensors():
+    """Tensors on cuda:1 with cuda:0 current: computed on cuda:1, same results as on cuda:0."""
+    torch.cuda.set_device(0)
+    args0 = make_args(5, 4, 3, 40, P=7, dtype=torch.float32, device="cuda:0")
+    args1 = [None if a is None else a.to("cuda:1") for a in args0]
+    batch_sizes = torch.tensor([4, 4, 3, 1, 1])
+    on0, on1 = forward(*args0, batch_sizes, True), forward(*args1, batch_sizes, True)
+    assert torch.cuda.current_device() == 0
+    for a, b in zip(on0, on1):
+        assert b.device == torch.device("cuda:1")
+        assert max_error(a, b.to("cuda:0")) <= 1e-6
+    grads0 = [torch.randn_like(t) for t in on0[:3]]
+    grads1 = [g.to("cuda:1") for g in grads0]
+    b0 = backward(*grads0, *args0[:5], args0[6], batch_sizes, True, *on0[:1], *on0[3:])
+    b1 = backward(*grads1, *args1[:5], args1[6], batch_sizes, True, *on1[:1], *on1[3:])
+    for a, b in zip(b0, b1):
+        assert b.device == torch.device("cuda:1")
+        assert max_error(a, b.to("cuda:0")) <= 1e-5 * max(1.0, a.abs().max().item())
+    fused = FusedLSTM(3, 8, device="cuda:1")
+    out, (h_n, c_n) = fused(torch.randn(4, 2, 3, device="cuda:1"))
+    out.sum().backward()
+    assert out.device == fused.weight_hh_l0.grad.device == torch.device("cuda:1")
