@@ -115,6 +115,14 @@ Dims check_backward_args(const std::optional<at::Tensor>& grad_output,
   return d;
 }
 
+at::Tensor prepare(const at::Tensor& t, at::ScalarType acc) {
+  return t.defined() ? t.to(acc).contiguous() : t;
+}
+
+at::Tensor prepare(const std::optional<at::Tensor>& t, at::ScalarType acc) {
+  return t.has_value() ? prepare(*t, acc) : at::Tensor();
+}
+
 std::vector<int64_t> live_rows(const std::optional<at::Tensor>& batch_sizes, const Dims& d) {
   if (!batch_sizes.has_value() || !batch_sizes->defined()) {
     return std::vector<int64_t>(d.seq_len, d.batch);

@@ -57,6 +57,10 @@ std::vector<int64_t> live_rows(const std::optional<at::Tensor>& batch_sizes, con
 // The dtype the kernels compute and keep state in: float32 for bfloat16/float16.
 at::ScalarType accumulate_type(at::ScalarType t);
 
+// Contiguous, in dtype `acc`; undefined (or absent) stays undefined.
+at::Tensor prepare(const at::Tensor& t, at::ScalarType acc);
+at::Tensor prepare(const std::optional<at::Tensor>& t, at::ScalarType acc);
+
 // grad_input, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr
 using InputAndWeightGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 

@@ -72,9 +72,6 @@ struct CpuKernels {
   // Each element-wise kernel works on the hidden units [j0, j1) of one row.
   void (*cell_forward)(const CellForwardRow<scalar_t>& row, int64_t H, int64_t j0, int64_t j1);
   void (*cell_backward)(const CellBackwardRow<scalar_t>& row, int64_t H, int64_t j0, int64_t j1);
-  // h = o * tanh(c) from saved gates and cells (the projection's input, for its gradient)
-  void (*cell_hidden)(const scalar_t* gates, const scalar_t* c, scalar_t* h, int64_t H,
-                      int64_t j0, int64_t j1);
   void (*recurrent_forward)(const RecurrentForward<scalar_t>& args);
   void (*recurrent_backward)(const RecurrentBackward<scalar_t>& args);
   // Elements of workspace the persistent kernels need for hidden size H.

@@ -108,15 +108,6 @@ void cell_backward(const CellBackwardRow<scalar_t>& row, int64_t H, int64_t j0, 
   });
 }
 
-template <typename scalar_t>
-void cell_hidden(const scalar_t* gates, const scalar_t* c, scalar_t* h, int64_t H, int64_t j0,
-                 int64_t j1) {
-  using V = Vec<scalar_t>;
-  for_each_vector<scalar_t>(j0, j1, [&](int64_t j, int64_t n) {
-    (V::loadu(gates + 3 * H + j, n) * tanh<scalar_t>(V::loadu(c + j, n))).store(h + j, n);
-  });
-}
-
 // ---------------------------------------------------------------------------------
 // The persistent recurrence.
 //
@@ -427,8 +418,7 @@ void recurrent_backward(const RecurrentBackward<scalar_t>& a) {
 
 template <typename scalar_t>
 CpuKernels<scalar_t> make_cpu_kernels() {
-  return {&cell_forward<scalar_t>,      &cell_backward<scalar_t>,
-          &cell_hidden<scalar_t>,       &recurrent_forward<scalar_t>,
+  return {&cell_forward<scalar_t>, &cell_backward<scalar_t>, &recurrent_forward<scalar_t>,
           &recurrent_backward<scalar_t>, &recurrent_workspace_size<scalar_t>};
 }
 

@@ -268,54 +268,9 @@ BackwardResult backward_impl(const Dims& d, const std::vector<int64_t>& live,
                              grad_c, grad_gates, grad_h_steps);
   }
 
-  const at::Tensor grad_gates2d = grad_gates.view({T * B, 4 * H});
-  at::Tensor grad_input = at::mm(grad_gates2d, w_ih).view({T, B, d.input_size});
-  at::Tensor grad_w_ih = at::mm(grad_gates2d.t(), x.view({T * B, d.input_size}));
-  at::Tensor grad_bias = grad_gates2d.sum(0);
-
-  // grad_w_hh = sum over steps of grad_gates[t]ᵀ · h_prev[t], where h_prev is the
-  // previous step's output, or h0 on each row's first step.
-  const int64_t first = time_of(0, T, reverse);
-  at::Tensor grad_w_hh = at::mm(grad_gates[first].t(), h0);
-  if (T > 1) {
-    const int64_t later_from = reverse ? 0 : 1;  // the steps that have a previous step
-    const int64_t prev_from = reverse ? 1 : 0;
-    grad_w_hh.addmm_(grad_gates.narrow(0, later_from, T - 1).reshape({(T - 1) * B, 4 * H}).t(),
-                     output.narrow(0, prev_from, T - 1).reshape({(T - 1) * B, P}));
-  }
-  if (reverse) {
-    // Packed and reversed, a row starts at its own last step, from h0; the output of
-    // the step before (t + 1) is zero for that row, so add h0's term here.
-    for (int64_t t = 0; t + 1 < T; ++t) {
-      const int64_t k = live[t] - live[t + 1];
-      if (k > 0) {
-        grad_w_hh.addmm_(grad_gates[t].narrow(0, live[t + 1], k).t(), h0.narrow(0, live[t + 1], k));
-      }
-    }
-  }
-
-  at::Tensor grad_w_hr;
-  if (projected) {
-    at::Tensor hidden = at::empty({T, B, H}, opts);
-    const scalar_t* g = gates.data_ptr<scalar_t>();
-    const scalar_t* c = cells.data_ptr<scalar_t>();
-    scalar_t* h = hidden.data_ptr<scalar_t>();
-    for_rows_and_units(T * B, H, [&](int64_t r, int64_t j0, int64_t j1) {
-      kernels.cell_hidden(g + r * 4 * H, c + r * H, h + r * H, H, j0, j1);
-    });
-    grad_w_hr = at::mm(grad_h_steps.view({T * B, P}).t(), hidden.view({T * B, H}));
-  } else {
-    grad_w_hr = at::empty({0}, opts);
-  }
+  auto [grad_input, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] = input_and_weight_grads(
+      d, live, reverse, grad_gates, x, h0, w_ih, output, gates, cells, grad_h_steps);
   return {grad_input, grad_h, grad_c, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
-}
-
-// Contiguous, in the dtype the kernels compute in.
-at::Tensor prepare(const at::Tensor& t, at::ScalarType acc) {
-  return t.defined() ? t.to(acc).contiguous() : t;
-}
-at::Tensor prepare(const std::optional<at::Tensor>& t, at::ScalarType acc) {
-  return t.has_value() ? prepare(*t, acc) : at::Tensor();
 }
 
 ForwardResult forward_cpu(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,

@@ -24,13 +24,6 @@
 
 namespace fused_lstm::cuda {
 
-// Contiguous, in dtype `acc`; undefined stays undefined.
-inline at::Tensor prepare(const at::Tensor& t, at::ScalarType acc) {
-  return t.defined() ? t.to(acc).contiguous() : t;
-}
-inline at::Tensor prepare(const std::optional<at::Tensor>& t, at::ScalarType acc) {
-  return t.has_value() ? prepare(*t, acc) : at::Tensor();
-}
 // A fresh contiguous copy in dtype `acc` (the buffer of a carried gradient), zeros if undefined.
 inline at::Tensor fresh_copy(const std::optional<at::Tensor>& t, at::IntArrayRef shape,
                              const at::TensorOptions& opts) {
