@@ -1,8 +1,10 @@
 """FusedLSTM: torch.nn.LSTM's interface and behaviour on the fused kernels."""
 from __future__ import annotations
 
+import functools
 import math
 import numbers
+import os
 import warnings
 
 import torch
@@ -10,7 +12,7 @@ from torch import Tensor, nn
 from torch.nn import init
 from torch.nn.utils.rnn import PackedSequence
 
-from . import functional
+from . import _ops, functional
 
 
 class FusedLSTM(nn.Module):
@@ -221,6 +223,30 @@ class FusedLSTM(nn.Module):
                     f"Expected hidden[{k}] dtype {input.dtype} (the input's), got {state.dtype}"
                 )
 
+    def _check_memory(self, x: Tensor, layers: int, out_size: int) -> None:
+        """Refuses, before allocating anything, an input whose outputs and saved state
+        alone exceed the device's memory. nn.LSTM fails there only in the allocator after
+        copying the input, and where memory is overcommitted a process can be killed
+        before any error."""
+        if torch.compiler.is_compiling():
+            return
+        limit = _device_memory(x.device)
+        if limit is None:
+            return
+        seq_len, batch = x.shape[0], x.shape[1]
+        acc = torch.empty((), dtype=_ops.accumulate_dtype(x.dtype)).element_size()
+        # Per layer and direction: output [T, B, P]; gates [T, B, 4H] and cells [T, B, H]
+        # in the accumulate dtype.
+        needed = layers * seq_len * batch * (
+            out_size * x.element_size() + 5 * self.hidden_size * acc
+        )
+        if needed > limit:
+            raise torch.OutOfMemoryError(
+                f"FusedLSTM: an input of {seq_len} steps x {batch} sequences needs "
+                f"{needed / 2**30:.1f} GiB for its outputs and the state kept for backward, "
+                f"more than the {limit / 2**30:.1f} GiB of memory of {x.device}"
+            )
+
     def forward(self, input, hx=None):
         packed = isinstance(input, PackedSequence)
         if packed:
@@ -245,6 +271,7 @@ class FusedLSTM(nn.Module):
 
         layers = self.num_layers * (2 if self.bidirectional else 1)
         out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        self._check_memory(x, layers, out_size)
         if hx is None:
             zeros = dict(dtype=x.dtype, device=x.device)
             h0 = torch.zeros(layers, batch, out_size, **zeros)
@@ -289,8 +316,42 @@ class FusedLSTM(nn.Module):
         return output, (h_n, c_n)
 
 
+def _device_memory(device: torch.device) -> int | None:
+    """The memory of a device in bytes (RAM and swap for the CPU), None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu":
+        return _host_memory()
+    return None
+
+
+@functools.cache
+def _host_memory() -> int | None:
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("SwapTotal:"):
+                    total += int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return total
+
+
 class ReferenceLSTM(FusedLSTM):
     """FusedLSTM's interface on the Python time-step loop (fused_lstm.reference): the
     slow baseline of the benchmark and the examples, with everything else equal."""
 
     _layer = staticmethod(functional.reference_layer)
+
+
+# A whole saved model (torch.save(model)) loads with torch.load's default weights_only=True
+# when the user trusts only their own classes, as it does with nn.LSTM inside. Registered
+# under their qualified names: the (class, name) entries stay when a user's
+# safe_globals([FusedLSTM, ...]) context removes the plain class on exit.
+torch.serialization.add_safe_globals(
+    [(cls, f"{cls.__module__}.{cls.__qualname__}") for cls in (FusedLSTM, ReferenceLSTM)]
+)
