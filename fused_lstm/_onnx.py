@@ -6,7 +6,8 @@ the default exporter (torch.export) through ``torch.onnx.ops.symbolic_multi_out`
 :func:`lstm_layer`; under the TorchScript exporter (``dynamo=False``, deprecated) through
 the symbolic of ``fused_lstm::forward`` registered on import. What ONNX's LSTM cannot
 express (the projection of ``proj_size`` models, bfloat16) is exported as the reference
-loop of basic operators instead.
+loop of basic operators instead, unrolled over the steps: such a file has a fixed
+sequence length (its batch may still be dynamic).
 
 ONNX's gate order is i, o, f, c where nn.LSTM's is i, f, g, o; its bias is
 ``[Wb | Rb]`` (b_ih then b_hh); its states carry a leading directions axis.

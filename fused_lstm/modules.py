@@ -228,7 +228,7 @@ class FusedLSTM(nn.Module):
         alone exceed the device's memory. nn.LSTM fails there only in the allocator after
         copying the input, and where memory is overcommitted a process can be killed
         before any error."""
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
             return
         limit = _device_memory(x.device)
         if limit is None:
