@@ -108,6 +108,7 @@ class FusedLSTM(nn.Module):
         real_hidden_size = proj_size if proj_size > 0 else hidden_size
         self._flat_weights_names: list[str] = []
         self._all_weights: list[list[str]] = []
+        shapes: list[tuple[int, ...]] = []
         for layer in range(num_layers):
             for direction in range(num_directions):
                 layer_input_size = input_size if layer == 0 else real_hidden_size * num_directions
@@ -121,10 +122,16 @@ class FusedLSTM(nn.Module):
                                (f"bias_hh_l{layer}{suffix}", (gate_size,))]
                 if proj_size > 0:
                     params += [(f"weight_hr_l{layer}{suffix}", (proj_size, hidden_size))]
-                for name, shape in params:
-                    setattr(self, name, nn.Parameter(torch.empty(shape, **factory_kwargs)))
                 self._flat_weights_names.extend(name for name, _ in params)
                 self._all_weights.append([name for name, _ in params])
+                shapes.extend(shape for _, shape in params)
+        _check_fits(
+            sum(math.prod(shape) for shape in shapes) * torch.empty((), dtype=dtype).element_size(),
+            torch.device(device) if device is not None else torch.get_default_device(),
+            "the parameters",
+        )
+        for name, shape in zip(self._flat_weights_names, shapes):
+            setattr(self, name, nn.Parameter(torch.empty(shape, **factory_kwargs)))
         self.reset_parameters()
 
     @classmethod
@@ -224,14 +231,7 @@ class FusedLSTM(nn.Module):
                 )
 
     def _check_memory(self, x: Tensor, layers: int, out_size: int) -> None:
-        """Refuses, before allocating anything, an input whose outputs and saved state
-        alone exceed the device's memory. nn.LSTM fails there only in the allocator after
-        copying the input, and where memory is overcommitted a process can be killed
-        before any error."""
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
-            return
-        limit = _device_memory(x.device)
-        if limit is None:
             return
         seq_len, batch = x.shape[0], x.shape[1]
         acc = torch.empty((), dtype=_ops.accumulate_dtype(x.dtype)).element_size()
@@ -240,12 +240,9 @@ class FusedLSTM(nn.Module):
         needed = layers * seq_len * batch * (
             out_size * x.element_size() + 5 * self.hidden_size * acc
         )
-        if needed > limit:
-            raise torch.OutOfMemoryError(
-                f"FusedLSTM: an input of {seq_len} steps x {batch} sequences needs "
-                f"{needed / 2**30:.1f} GiB for its outputs and the state kept for backward, "
-                f"more than the {limit / 2**30:.1f} GiB of memory of {x.device}"
-            )
+        _check_fits(needed, x.device,
+                    f"the outputs and the state kept for backward of {seq_len} steps x "
+                    f"{batch} sequences")
 
     def forward(self, input, hx=None):
         packed = isinstance(input, PackedSequence)
@@ -316,9 +313,21 @@ class FusedLSTM(nn.Module):
         return output, (h_n, c_n)
 
 
+def _check_fits(needed: int, device: torch.device, what: str) -> None:
+    """Refuses, before allocating anything, what cannot fit in the device's memory at all:
+    nn.LSTM fails there only in the allocator (after copying its input), and where memory
+    is overcommitted a process can be killed before any error."""
+    limit = _device_memory(device)
+    if limit is not None and needed > limit:
+        raise torch.OutOfMemoryError(
+            f"FusedLSTM: {what} need {needed / 2**30:.1f} GiB, more than the "
+            f"{limit / 2**30:.1f} GiB of memory of {device}"
+        )
+
+
 def _device_memory(device: torch.device) -> int | None:
     """The memory of a device in bytes (RAM and swap for the CPU), None where unknown."""
-    if device.type == "cuda":
+    if device.type == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_properties(device).total_memory
     if device.type == "cpu":
         return _host_memory()
