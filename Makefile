@@ -6,14 +6,14 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
-SOURCES := $(wildcard setup.py pyproject.toml csrc/*.* csrc/cpu/*.* csrc/cuda/*.*)
+SOURCES := $(wildcard Makefile setup.py pyproject.toml csrc/*.* csrc/cpu/*.* csrc/cuda/*.*)
 
 .PHONY: bench test clean
 
 $(VENV)/.built: $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH)" ninja pybind11 numpy pytest hypothesis tqdm "setuptools>=64" wheel \
-		onnx onnxscript onnxruntime
+	$(PY) -m pip install -q "$(TORCH)" ninja pybind11 numpy pytest hypothesis tqdm matplotlib \
+		"setuptools>=64" wheel onnx onnxscript onnxruntime
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 

@@ -14,6 +14,13 @@ forward = torch.ops.fused_lstm.forward
 backward = torch.ops.fused_lstm.backward
 
 
+@pytest.fixture(params=["persistent", "stepwise"])
+def cpu_path(request, monkeypatch):
+    """Runs a test on both CPU paths of the recurrence (csrc/cpu/lstm_cpu.cpp)."""
+    monkeypatch.setenv("FUSED_LSTM_CPU_PATH", request.param)
+    return request.param
+
+
 def make_args(T, B, I, H, P=None, dtype=torch.float64, bias=True, device="cpu", scale=1.0):
     """Random op arguments: input, h0, c0, w_ih, w_hh, bias, w_hr."""
     P = P or H
@@ -46,7 +53,7 @@ SHAPES = [  # T, B, I, H, P
 @pytest.mark.parametrize("T,B,I,H,P", SHAPES)
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("packed", [False, True])
-def test_forward_matches_reference_float64(T, B, I, H, P, reverse, packed):
+def test_forward_matches_reference_float64(T, B, I, H, P, reverse, packed, cpu_path):
     args = make_args(T, B, I, H, P)
     batch_sizes = random_batch_sizes(T, B) if packed else None
     (out, h_n, c_n, gates, cells), (ref_out, ref_h, ref_c) = run_both(args, batch_sizes, reverse)
@@ -56,7 +63,7 @@ def test_forward_matches_reference_float64(T, B, I, H, P, reverse, packed):
     assert gates.shape == (T, B, 4 * H) and cells.shape == (T, B, H)
 
 
-def test_dead_rows_are_zero_and_state_is_last_live_step():
+def test_dead_rows_are_zero_and_state_is_last_live_step(cpu_path):
     T, B = 5, 3
     args = make_args(T, B, 2, 4)
     batch_sizes = torch.tensor([3, 3, 2, 1, 1])
@@ -73,7 +80,7 @@ def test_dead_rows_are_zero_and_state_is_last_live_step():
 @pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2),
                                          (torch.float16, 3e-3)])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_forward_low_precision_against_reference(dtype, bound, reverse):
+def test_forward_low_precision_against_reference(dtype, bound, reverse, cpu_path):
     args = make_args(20, 4, 16, 33, dtype=dtype, scale=0.5)
     (out, h_n, c_n, gates, cells), (ref_out, ref_h, ref_c) = run_both(args, None, reverse)
     assert out.dtype == dtype and h_n.dtype == dtype and c_n.dtype == dtype
@@ -83,7 +90,30 @@ def test_forward_low_precision_against_reference(dtype, bound, reverse):
         assert max_error(ours, ref) / ref.abs().max().item() < bound
 
 
-def test_nan_propagates():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gate_activations_within_a_few_ulp(dtype):
+    """With zero weights the pre-activations are the bias: the saved gates are then the
+    activations themselves, checked over a dense grid against float64."""
+    H = 4096
+    grid = torch.cat([torch.linspace(-30, 30, H - 8, dtype=torch.float64),
+                      torch.tensor([0.0, -0.0, 1e-30, -1e-7, 3e-4, 0.29999, 0.3, 0.30001],
+                                   dtype=torch.float64)])
+    bias = grid.repeat(4).to(dtype)
+    zeros = lambda *s: torch.zeros(*s, dtype=dtype)  # noqa: E731
+    _, _, c_n, gates, cells = forward(zeros(1, 1, 1), zeros(1, H), zeros(1, H), zeros(4 * H, 1),
+                                      zeros(4 * H, H), bias, None, None, False)
+    i, f, g, o = gates[0, 0].double().chunk(4)
+    eps = torch.finfo(dtype).eps
+    grid = grid.to(dtype).double()  # the pre-activations the kernel saw
+    for ours, exact in ((i, torch.sigmoid(grid)), (g, torch.tanh(grid)), (o, torch.sigmoid(grid))):
+        assert ((ours - exact).abs() <= 4 * eps * exact.abs() + torch.finfo(dtype).tiny).all()
+    assert torch.equal(g.sign(), grid.sign())
+    # c = i * g from c0 = 0, and h = o * tanh(c)
+    c = cells[0, 0].double()
+    assert ((c - i * g).abs() <= 2 * eps * c.abs()).all()
+
+
+def test_nan_propagates(cpu_path):
     args = make_args(4, 3, 2, 5)
     args[0][1, 1, 0] = float("nan")
     out, h_n, c_n, _, _ = forward(*args, None, False)
@@ -101,7 +131,7 @@ def test_large_preactivations_saturate_without_nan():
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("P", [None, 2])
-def test_gradcheck(packed, reverse, P):
+def test_gradcheck(packed, reverse, P, cpu_path):
     args = [a.requires_grad_() if a is not None else None for a in make_args(4, 3, 2, 3, P)]
     batch_sizes = torch.tensor([3, 2, 2, 1]) if packed else None
     f = lambda *a: forward(*a, batch_sizes, reverse)[:3]  # noqa: E731
@@ -118,7 +148,7 @@ def test_gradgradcheck(packed):
 
 @pytest.mark.parametrize("T,B,I,H,P", SHAPES)
 @pytest.mark.parametrize("packed", [False, True])
-def test_backward_matches_reference(T, B, I, H, P, packed):
+def test_backward_matches_reference(T, B, I, H, P, packed, cpu_path):
     args = [a.requires_grad_() if a is not None else None for a in make_args(T, B, I, H, P)]
     batch_sizes = random_batch_sizes(T, B) if packed else None
     for reverse in (False, True):
@@ -132,7 +162,7 @@ def test_backward_matches_reference(T, B, I, H, P, packed):
             assert max_error(a, b) < 1e-11
 
 
-def test_backward_with_only_some_output_gradients():
+def test_backward_with_only_some_output_gradients(cpu_path):
     args = make_args(5, 2, 3, 4)
     saved = forward(*args, None, False)
     out, h_n, c_n, gates, cells = saved
@@ -145,7 +175,7 @@ def test_backward_with_only_some_output_gradients():
             assert torch.equal(a, b)
 
 
-def test_empty_batch():
+def test_empty_batch(cpu_path):
     args = make_args(3, 0, 2, 4)
     out, h_n, c_n, gates, cells = forward(*args, None, False)
     assert out.shape == (3, 0, 4) and h_n.shape == (0, 4) and c_n.shape == (0, 4)
@@ -235,3 +265,26 @@ def test_portable_kernels_match_vectorized():
     vectorized = forward(x, h, c, w_ih, w_hh, b, None, None, False)
     for a, v in zip(portable, vectorized):
         assert max_error(a, v) < 1e-5
+
+
+@pytest.mark.parametrize("H", [5, 40, 100])
+def test_persistent_recurrence_does_not_depend_on_thread_count(H, monkeypatch):
+    """Each column of the recurrence is computed whole by one thread, in a fixed order:
+    the thread count changes who computes it, not the result. The input projection is a
+    library GEMM with K = 3 here, which splits only rows and columns among threads.
+    (grad_input and the weight gradients, library GEMMs with large K, are left out.)"""
+    monkeypatch.setenv("FUSED_LSTM_CPU_PATH", "persistent")
+    args = make_args(6, 7, 3, H, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    results = []
+    for n in (1, max(2, threads)):
+        torch.set_num_threads(n)
+        try:
+            out = forward(*args, None, False)
+            grads = backward(out[0], None, None, *args[:5], None, None, False, out[0], out[3], out[4])
+        finally:
+            torch.set_num_threads(threads)
+        results.append((out, grads[1], grads[2]))
+    (out1, dh1, dc1), (out2, dh2, dc2) = results
+    for a, b in zip((*out1, dh1, dc1), (*out2, dh2, dc2)):
+        assert torch.equal(a, b)

@@ -1,16 +1,20 @@
 // CPU kernels of the fused_lstm ops (schemas and semantics in ops.cpp and lstm.h).
 //
-// Forward: the input projection of all T steps is one GEMM written into `gates`; each
-// step then adds h_{t-1}·w_hhᵀ into its slice of `gates` in place (one GEMM, no
-// allocation) and one vectorized pass applies the activations and the cell update,
-// leaving the activated gates and c_t where the backward finds them. The hidden state
-// of step t is output[t] itself, so no state is copied between steps.
-// Backward: reverse time, one vectorized pass for the gate gradients and one GEMM for
-// the gradient of h_{t-1} per step; then the weight gradients as a few GEMMs over all
-// steps at once.
+// Forward: the input projection of all T steps is one library GEMM written into `gates`.
+// The recurrence then runs on one of two paths:
+// - persistent (the default without a projection; kernels.h): the whole time loop in one
+//   parallel region, each thread owning a slice of hidden units with its rows of w_hh
+//   packed for its own small-matrix kernel, one barrier per step;
+// - step by step (with a projection, or FUSED_LSTM_CPU_PATH=stepwise): per step one
+//   library GEMM adds h_{t-1}·w_hhᵀ into that step's gates in place, then one vectorized
+//   pass applies the activations and the cell update.
+// Either way the activated gates and c_t stay where the backward finds them, and the
+// hidden state of step t is output[t] itself.
+// Backward: reverse time, the same two paths for the gate gradients and the gradient of
+// h_{t-1}; then the weight gradients as a few library GEMMs over all steps at once.
 // bfloat16/float16 inputs run in float32 and are rounded once at the end.
 #include "../lstm.h"
-#include "cell.h"
+#include "kernels.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -22,6 +26,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 namespace fused_lstm::cpu {
 
@@ -38,21 +44,31 @@ bool use_avx2() {
 #endif
 }
 
-std::string kernel_capability() { return use_avx2() ? "AVX2" : "DEFAULT"; }
-
 }  // namespace
 
+const char* cpu_capability() { return use_avx2() ? "AVX2" : "DEFAULT"; }
+
 template <typename scalar_t>
-const CellKernels<scalar_t>& cell_kernels() {
-  static const CellKernels<scalar_t> kernels =
+const CpuKernels<scalar_t>& cpu_kernels() {
+  static const CpuKernels<scalar_t> kernels =
 #if defined(FUSED_LSTM_HAVE_AVX2)
-      use_avx2() ? AVX2::make_cell_kernels<scalar_t>() :
+      use_avx2() ? AVX2::make_cpu_kernels<scalar_t>() :
 #endif
-                 DEFAULT::make_cell_kernels<scalar_t>();
+                 DEFAULT::make_cpu_kernels<scalar_t>();
   return kernels;
 }
 
 namespace {
+
+// The persistent recurrence (kernels.h) runs the whole time loop in one parallel region
+// with the weights packed per thread; it has no projection. The step-by-step path runs
+// one library GEMM per step. FUSED_LSTM_CPU_PATH=stepwise forces the latter (tests and
+// benchmarks compare the two).
+bool use_persistent(bool projected) {
+  if (projected) return false;
+  const char* forced = std::getenv("FUSED_LSTM_CPU_PATH");
+  return forced == nullptr || std::strcmp(forced, "stepwise") != 0;
+}
 
 // Calls fn(row, j0, j1) for rows [0, rows) and hidden units [0, H) split in chunks,
 // in parallel when there is enough work for more than one thread.
@@ -84,28 +100,15 @@ inline int64_t carried_rows(int64_t s, int64_t T, bool reverse, const std::vecto
   return std::min(live[time_of(s, T, reverse)], live[time_of(s - 1, T, reverse)]);
 }
 
+// The step-by-step forward: one library GEMM per step (and one for the projection).
 template <typename scalar_t>
-ForwardResult forward_impl(const Dims& d, const std::vector<int64_t>& live, const at::Tensor& x,
-                           const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
-                           const at::Tensor& w_hh, const at::Tensor& bias,
-                           const at::Tensor& w_hr, bool reverse) {
-  const int64_t T = d.seq_len, B = d.batch, H = d.hidden_size, P = d.output_size;
+void forward_steps(const Dims& d, const std::vector<int64_t>& live, const at::Tensor& h0,
+                   const at::Tensor& c0, const at::Tensor& w_hh, const at::Tensor& w_hr,
+                   bool reverse, at::Tensor& gates, at::Tensor& cells, at::Tensor& output) {
+  const int64_t T = d.seq_len, B = d.batch, H = d.hidden_size;
   const bool projected = w_hr.defined();
-  const auto opts = x.options();
-  at::Tensor gates = at::empty({T, B, 4 * H}, opts);
-  at::Tensor cells = at::empty({T, B, H}, opts);
-  at::Tensor output = at::empty({T, B, P}, opts);
-  at::Tensor hidden = projected ? at::empty({B, H}, opts) : at::Tensor();
-
-  const at::Tensor x2d = x.view({T * B, d.input_size});
-  at::Tensor gates2d = gates.view({T * B, 4 * H});
-  if (bias.defined()) {
-    at::addmm_out(gates2d, bias, x2d, w_ih.t());
-  } else {
-    at::mm_out(gates2d, x2d, w_ih.t());
-  }
-
-  const auto& kernels = cell_kernels<scalar_t>();
+  const auto& kernels = cpu_kernels<scalar_t>();
+  at::Tensor hidden = projected ? at::empty({B, H}, gates.options()) : at::Tensor();
   const at::Tensor w_hh_t = w_hh.t();
   for (int64_t s = 0; s < T; ++s) {
     const int64_t t = time_of(s, T, reverse);
@@ -129,7 +132,7 @@ ForwardResult forward_impl(const Dims& d, const std::vector<int64_t>& live, cons
       const CellForwardRow<scalar_t> row{g + b * 4 * H,
                                          (b < carried ? c_carried : c_initial) + b * H,
                                          c + b * H, h + b * H};
-      kernels.forward(row, H, j0, j1);
+      kernels.cell_forward(row, H, j0, j1);
     });
     if (projected) {
       at::Tensor out_live = output[t].narrow(0, 0, n);
@@ -138,6 +141,38 @@ ForwardResult forward_impl(const Dims& d, const std::vector<int64_t>& live, cons
     zero_dead_rows(gates_t, n);
     zero_dead_rows(cells[t], n);
     zero_dead_rows(output[t], n);
+  }
+}
+
+template <typename scalar_t>
+ForwardResult forward_impl(const Dims& d, const std::vector<int64_t>& live, const at::Tensor& x,
+                           const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+                           const at::Tensor& w_hh, const at::Tensor& bias,
+                           const at::Tensor& w_hr, bool reverse) {
+  const int64_t T = d.seq_len, B = d.batch, H = d.hidden_size, P = d.output_size;
+  const bool projected = w_hr.defined();
+  const auto opts = x.options();
+  at::Tensor gates = at::empty({T, B, 4 * H}, opts);
+  at::Tensor cells = at::empty({T, B, H}, opts);
+  at::Tensor output = at::empty({T, B, P}, opts);
+
+  const at::Tensor x2d = x.view({T * B, d.input_size});
+  at::Tensor gates2d = gates.view({T * B, 4 * H});
+  if (bias.defined()) {
+    at::addmm_out(gates2d, bias, x2d, w_ih.t());
+  } else {
+    at::mm_out(gates2d, x2d, w_ih.t());
+  }
+
+  const auto& kernels = cpu_kernels<scalar_t>();
+  if (use_persistent(projected)) {
+    at::Tensor workspace = at::empty({kernels.recurrent_workspace_size(H)}, opts);
+    kernels.recurrent_forward({T, B, H, live.data(), reverse, w_hh.data_ptr<scalar_t>(),
+                               workspace.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(),
+                               c0.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(),
+                               cells.data_ptr<scalar_t>(), output.data_ptr<scalar_t>()});
+  } else {
+    forward_steps<scalar_t>(d, live, h0, c0, w_hh, w_hr, reverse, gates, cells, output);
   }
 
   // Each row's final state is that of its last live step: going forward, rows
@@ -155,26 +190,19 @@ ForwardResult forward_impl(const Dims& d, const std::vector<int64_t>& live, cons
   return {output, h_n, c_n, gates, cells};
 }
 
+// The step-by-step backward: one library GEMM per step for the gradient of h_{t-1} (and
+// one for the projection's).
 template <typename scalar_t>
-BackwardResult backward_impl(const Dims& d, const std::vector<int64_t>& live,
-                             const at::Tensor& grad_output, const at::Tensor& grad_h_n,
-                             const at::Tensor& grad_c_n, const at::Tensor& x,
-                             const at::Tensor& h0, const at::Tensor& c0,
-                             const at::Tensor& w_ih, const at::Tensor& w_hh,
-                             const at::Tensor& w_hr, bool reverse, const at::Tensor& output,
-                             const at::Tensor& gates, const at::Tensor& cells) {
-  const int64_t T = d.seq_len, B = d.batch, H = d.hidden_size, P = d.output_size;
+void backward_steps(const Dims& d, const std::vector<int64_t>& live,
+                    const at::Tensor& grad_output, const at::Tensor& c0, const at::Tensor& w_hh,
+                    const at::Tensor& w_hr, bool reverse, const at::Tensor& gates,
+                    const at::Tensor& cells, at::Tensor& grad_h, at::Tensor& grad_c,
+                    at::Tensor& grad_gates, at::Tensor& grad_h_steps) {
+  const int64_t T = d.seq_len, B = d.batch, H = d.hidden_size;
   const bool projected = w_hr.defined();
-  const auto opts = x.options();
-  at::Tensor grad_gates = at::empty({T, B, 4 * H}, opts);
-  // Gradients of the state carried between steps; rows not live keep theirs.
-  at::Tensor grad_h = grad_h_n.defined() ? grad_h_n.clone() : at::zeros({B, P}, opts);
-  at::Tensor grad_c = grad_c_n.defined() ? grad_c_n.clone() : at::zeros({B, H}, opts);
-  // With a projection: the gradient of each step's h (for grad_w_hr) and of o*tanh(c).
-  at::Tensor grad_h_steps = projected ? at::empty({T, B, P}, opts) : at::Tensor();
-  at::Tensor grad_hidden = projected ? at::empty({B, H}, opts) : at::Tensor();
-
-  const auto& kernels = cell_kernels<scalar_t>();
+  const auto& kernels = cpu_kernels<scalar_t>();
+  // With a projection: the gradient of o * tanh(c), the projection's input.
+  at::Tensor grad_hidden = projected ? at::empty({B, H}, gates.options()) : at::Tensor();
   for (int64_t s = T - 1; s >= 0; --s) {
     const int64_t t = time_of(s, T, reverse);
     const int64_t n = live[t];
@@ -202,10 +230,42 @@ BackwardResult backward_impl(const Dims& d, const std::vector<int64_t>& live,
       const CellBackwardRow<scalar_t> row{g + b * 4 * H, c + b * H,
                                           (b < carried ? c_carried : c_initial) + b * H,
                                           dh + b * H, dc + b * H, dg + b * 4 * H};
-      kernels.backward(row, H, j0, j1);
+      kernels.cell_backward(row, H, j0, j1);
     });
     zero_dead_rows(grad_gates_t, n);
     at::mm_out(grad_h_live, grad_gates_t.narrow(0, 0, n), w_hh);
+  }
+}
+
+template <typename scalar_t>
+BackwardResult backward_impl(const Dims& d, const std::vector<int64_t>& live,
+                             const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                             const at::Tensor& grad_c_n, const at::Tensor& x,
+                             const at::Tensor& h0, const at::Tensor& c0,
+                             const at::Tensor& w_ih, const at::Tensor& w_hh,
+                             const at::Tensor& w_hr, bool reverse, const at::Tensor& output,
+                             const at::Tensor& gates, const at::Tensor& cells) {
+  const int64_t T = d.seq_len, B = d.batch, H = d.hidden_size, P = d.output_size;
+  const bool projected = w_hr.defined();
+  const auto opts = x.options();
+  at::Tensor grad_gates = at::empty({T, B, 4 * H}, opts);
+  // Gradients of the state carried between steps; rows not live keep theirs.
+  at::Tensor grad_h = grad_h_n.defined() ? grad_h_n.clone() : at::zeros({B, P}, opts);
+  at::Tensor grad_c = grad_c_n.defined() ? grad_c_n.clone() : at::zeros({B, H}, opts);
+  // With a projection, the gradient of each step's h (for grad_w_hr).
+  at::Tensor grad_h_steps = projected ? at::empty({T, B, P}, opts) : at::Tensor();
+
+  const auto& kernels = cpu_kernels<scalar_t>();
+  if (use_persistent(projected)) {
+    at::Tensor workspace = at::empty({kernels.recurrent_workspace_size(H)}, opts);
+    kernels.recurrent_backward(
+        {T, B, H, live.data(), reverse, w_hh.data_ptr<scalar_t>(), workspace.data_ptr<scalar_t>(),
+         c0.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), cells.data_ptr<scalar_t>(),
+         grad_output.defined() ? grad_output.data_ptr<scalar_t>() : nullptr,
+         grad_h.data_ptr<scalar_t>(), grad_c.data_ptr<scalar_t>(), grad_gates.data_ptr<scalar_t>()});
+  } else {
+    backward_steps<scalar_t>(d, live, grad_output, c0, w_hh, w_hr, reverse, gates, cells, grad_h,
+                             grad_c, grad_gates, grad_h_steps);
   }
 
   const at::Tensor grad_gates2d = grad_gates.view({T * B, 4 * H});
@@ -241,7 +301,7 @@ BackwardResult backward_impl(const Dims& d, const std::vector<int64_t>& live,
     const scalar_t* c = cells.data_ptr<scalar_t>();
     scalar_t* h = hidden.data_ptr<scalar_t>();
     for_rows_and_units(T * B, H, [&](int64_t r, int64_t j0, int64_t j1) {
-      kernels.hidden(g + r * 4 * H, c + r * H, h + r * H, H, j0, j1);
+      kernels.cell_hidden(g + r * 4 * H, c + r * H, h + r * H, H, j0, j1);
     });
     grad_w_hr = at::mm(grad_h_steps.view({T * B, P}).t(), hidden.view({T * B, H}));
   } else {
@@ -312,7 +372,7 @@ BackwardResult backward_cpu(const std::optional<at::Tensor>& grad_output,
 
 TORCH_LIBRARY_FRAGMENT(fused_lstm, m) {
   // Which build of the CPU element-wise kernels runs here: "AVX2" or "DEFAULT".
-  m.def("cpu_capability() -> str", &kernel_capability);
+  m.def("cpu_capability() -> str", [] { return std::string(cpu_capability()); });
 }
 
 TORCH_LIBRARY_IMPL(fused_lstm, CPU, m) {

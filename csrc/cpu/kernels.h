@@ -1,0 +1,100 @@
+// CPU kernels that are compiled once per CPU capability (kernels_default.cpp, and
+// kernels_avx2.cpp with -mavx2 -mfma): kernels_impl.h holds their bodies, written with
+// at::vec::Vectorized. cpu_kernels() picks the best build this CPU runs.
+//
+// Two families:
+// - Element-wise kernels over one row and a range of hidden units (gate activations and
+//   the cell update, and their gradient), used by the step-by-step path of lstm_cpu.cpp.
+// - The persistent recurrence: the whole time loop of one layer in one parallel region.
+//   Thread k owns a slice of hidden units for the whole sequence: it keeps its w_hh rows
+//   packed in panels for its own small-matrix kernel, computes the four gates of its
+//   units (recurrent GEMM + activations + cell update) and meets the other threads at
+//   one barrier per step. No projection (P = H).
+#pragma once
+
+#include <cstdint>
+
+namespace fused_lstm::cpu {
+
+template <typename scalar_t>
+struct CellForwardRow {
+  scalar_t* gates;         // [4H]: pre-activations in, activations [i|f|g|o] out
+  const scalar_t* c_prev;  // [H]
+  scalar_t* c;             // [H]: c_t out
+  scalar_t* h;             // [H]: o * tanh(c_t) out
+};
+
+template <typename scalar_t>
+struct CellBackwardRow {
+  const scalar_t* gates;   // [4H]: the activations the forward saved
+  const scalar_t* c;       // [H]: c_t
+  const scalar_t* c_prev;  // [H]
+  const scalar_t* grad_h;  // [H]: gradient of o * tanh(c_t)
+  scalar_t* grad_c;        // [H]: gradient of c_t in, gradient of c_{t-1} out
+  scalar_t* grad_gates;    // [4H]: gradient of the pre-activations out
+};
+
+// One layer's forward over all steps (see lstm.h for the layout and the meaning of
+// live rows). `gates` holds x·w_ihᵀ + bias on entry.
+template <typename scalar_t>
+struct RecurrentForward {
+  int64_t seq_len, batch, hidden;
+  const int64_t* live;  // [T]: live rows per step
+  bool reverse;
+  const scalar_t* w_hh;  // [4H, H]
+  scalar_t* workspace;   // recurrent_workspace_size(H) elements
+  const scalar_t* h0;    // [B, H]
+  const scalar_t* c0;    // [B, H]
+  scalar_t* gates;       // [T, B, 4H]
+  scalar_t* cells;       // [T, B, H]
+  scalar_t* output;      // [T, B, H]
+};
+
+// One layer's backward over all steps, up to the gradient of the pre-activations.
+template <typename scalar_t>
+struct RecurrentBackward {
+  int64_t seq_len, batch, hidden;
+  const int64_t* live;
+  bool reverse;
+  const scalar_t* w_hh;         // [4H, H]
+  scalar_t* workspace;          // recurrent_workspace_size(H) elements
+  const scalar_t* c0;           // [B, H]
+  const scalar_t* gates;        // [T, B, 4H]: saved activations
+  const scalar_t* cells;        // [T, B, H]
+  const scalar_t* grad_output;  // [T, B, H], or null for zeros
+  scalar_t* grad_h;             // [B, H]: grad of h_n in, grad of h0 out
+  scalar_t* grad_c;             // [B, H]: grad of c_n in, grad of c0 out
+  scalar_t* grad_gates;         // [T, B, 4H] out
+};
+
+template <typename scalar_t>
+struct CpuKernels {
+  // Each element-wise kernel works on the hidden units [j0, j1) of one row.
+  void (*cell_forward)(const CellForwardRow<scalar_t>& row, int64_t H, int64_t j0, int64_t j1);
+  void (*cell_backward)(const CellBackwardRow<scalar_t>& row, int64_t H, int64_t j0, int64_t j1);
+  // h = o * tanh(c) from saved gates and cells (the projection's input, for its gradient)
+  void (*cell_hidden)(const scalar_t* gates, const scalar_t* c, scalar_t* h, int64_t H,
+                      int64_t j0, int64_t j1);
+  void (*recurrent_forward)(const RecurrentForward<scalar_t>& args);
+  void (*recurrent_backward)(const RecurrentBackward<scalar_t>& args);
+  // Elements of workspace the persistent kernels need for hidden size H.
+  int64_t (*recurrent_workspace_size)(int64_t H);
+};
+
+// The kernels for the best capability of this CPU that this build has ("AVX2" or
+// "DEFAULT", as cpu_capability() names it).
+template <typename scalar_t>
+const CpuKernels<scalar_t>& cpu_kernels();
+const char* cpu_capability();
+
+// Declared per capability; defined by the files that compile kernels_impl.h.
+namespace DEFAULT {
+template <typename scalar_t>
+CpuKernels<scalar_t> make_cpu_kernels();
+}
+namespace AVX2 {
+template <typename scalar_t>
+CpuKernels<scalar_t> make_cpu_kernels();
+}
+
+}  // namespace fused_lstm::cpu
