@@ -189,8 +189,11 @@ def _per_member(op, info, in_dims, args):
 def _fold(t, in_dim, batch_dim, size):
     """``t`` with the vmapped members folded into its batch dimension, member-minor:
     row ``b * size + n`` is row b of member n."""
-    t = t.unsqueeze(batch_dim + 1).expand(*t.shape[:batch_dim + 1], size, *t.shape[batch_dim + 1:]) \
-        if in_dim is None else t.movedim(in_dim, batch_dim + 1)
+    if in_dim is None:
+        t = t.unsqueeze(batch_dim + 1).expand(*t.shape[:batch_dim + 1], size,
+                                              *t.shape[batch_dim + 1:])
+    else:
+        t = t.movedim(in_dim, batch_dim + 1)
     return t.flatten(batch_dim, batch_dim + 1)
 
 

@@ -53,7 +53,8 @@ def lstm_layer(
     """
     if torch.onnx.is_in_onnx_export():
         if not _onnx.expressible(input, w_hr, batch_sizes):
-            return reference_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
+            return reference_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes,
+                                   reverse)
         # Under the TorchScript exporter (tracing), the op is recorded and mapped by its
         # registered symbolic.
         if not torch.jit.is_tracing():

@@ -125,8 +125,9 @@ class FusedLSTM(nn.Module):
                 self._flat_weights_names.extend(name for name, _ in params)
                 self._all_weights.append([name for name, _ in params])
                 shapes.extend(shape for _, shape in params)
+        itemsize = (dtype or torch.get_default_dtype()).itemsize
         _check_fits(
-            sum(math.prod(shape) for shape in shapes) * torch.empty((), dtype=dtype).element_size(),
+            sum(math.prod(shape) for shape in shapes) * itemsize,
             torch.device(device) if device is not None else torch.get_default_device(),
             "the parameters",
         )
@@ -234,7 +235,7 @@ class FusedLSTM(nn.Module):
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
             return
         seq_len, batch = x.shape[0], x.shape[1]
-        acc = torch.empty((), dtype=_ops.accumulate_dtype(x.dtype)).element_size()
+        acc = _ops.accumulate_dtype(x.dtype).itemsize
         # Per layer and direction: output [T, B, P]; gates [T, B, 4H] and cells [T, B, H]
         # in the accumulate dtype.
         needed = layers * seq_len * batch * (

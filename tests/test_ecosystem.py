@@ -150,6 +150,9 @@ def _ddp_worker(rank, directory, state_dict, x):
         model(shard)[0].pow(2).mean().backward()
         if rank == 0:
             torch.save([p.grad for p in lstm.parameters()], f"{directory}/grads.pt")
+        # Neither rank tears its connections down while the other still reads them (gloo
+        # aborts a process whose peer closed first).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

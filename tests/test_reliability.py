@@ -118,9 +118,11 @@ def test_non_finite_values_propagate_like_nn_lstm():
     for module in (fused, lstm):
         xg = x.clone().requires_grad_()
         out, (h_n, c_n) = module(xg, (h0, c0))
-        results.append([out, h_n, c_n, *torch.autograd.grad(out.sum(), [xg, *module.parameters()])])
+        grads = torch.autograd.grad(out.sum(), [xg, *module.parameters()])
+        results.append([out, h_n, c_n, *grads])
     for ours, theirs in zip(*results):
-        assert torch.equal(ours.isnan(), theirs.isnan()) and torch.equal(ours.isinf(), theirs.isinf())
+        assert torch.equal(ours.isnan(), theirs.isnan())
+        assert torch.equal(ours.isinf(), theirs.isinf())
         assert max_error(ours.nan_to_num(), theirs.nan_to_num()) < 1e-12
 
 
