@@ -63,9 +63,14 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
     input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, out, gates, cells = ctx.saved_tensors
-    grads = list(BackwardFunction.apply(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih,
-                                        w_hh, bias, w_hr, batch_sizes, ctx.reverse, out, gates,
-                                        cells))
+    args = (grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, w_hr, batch_sizes,
+            ctx.reverse, out, gates, cells)
+    # Grad mode is on in a backward only under create_graph=True (and torch.func): then the
+    # gradients may be differentiated again.
+    if torch.is_grad_enabled():
+        grads = list(BackwardFunction.apply(*args[:8], bias, *args[8:]))
+    else:
+        grads = list(backward(*args))
     if bias is None:
         grads[5] = None
     if w_hr is None:
