@@ -49,6 +49,7 @@ def train(lstm_class, steps=150):
         loss = nn.functional.cross_entropy(model(x), y)
         optimizer.zero_grad()
         loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         losses.append(loss.item())
     x, y = batch(1000, generator=data)
