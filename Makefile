@@ -12,7 +12,8 @@ SOURCES := $(wildcard Makefile setup.py pyproject.toml csrc/*.* csrc/cpu/*.* csr
 
 $(VENV)/.built: $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH)" ninja pybind11 numpy pytest hypothesis tqdm matplotlib "setuptools>=64" wheel
+	$(PY) -m pip install -q "$(TORCH)" ninja pybind11 numpy pytest hypothesis tqdm matplotlib \
+		"setuptools>=64" wheel onnx onnxscript onnxruntime
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 

@@ -2,10 +2,10 @@
 contract): loading them, their fake implementations (torch.compile, torch.export, the
 meta device) and the forward's autograd formula.
 
-The backward op is not itself differentiable. When a backward runs under
-``create_graph=True`` and something in it needs a gradient (double backward, gradient
-penalties), the gradient is computed instead through the reference loop, which autograd
-differentiates to any order: slower, never wrong.
+The backward op is wrapped to be differentiable: the first derivative is always the
+fused kernel's, and when something differentiates it again (double backward, gradient
+penalties, nested torch.func transforms) that second derivative is computed through the
+reference loop, which autograd differentiates to any order: slower, never wrong.
 """
 from __future__ import annotations
 
@@ -63,17 +63,14 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
     input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, out, gates, cells = ctx.saved_tensors
-    differentiable = (input, h0, c0, w_ih, w_hh, bias, w_hr)
-    grads_out = (grad_output, grad_h_n, grad_c_n)
-    if torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in differentiable + grads_out
-    ):
-        return _backward_through_reference(
-            differentiable, grads_out, batch_sizes, ctx.reverse, ctx.needs_input_grad
-        )
-    grads = backward(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, w_hr,
-                     batch_sizes, ctx.reverse, out, gates, cells)
-    grads = list(grads)
+    args = (grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, w_hr, batch_sizes,
+            ctx.reverse, out, gates, cells)
+    # Grad mode is on in a backward only under create_graph=True (and torch.func): then the
+    # gradients may be differentiated again.
+    if torch.is_grad_enabled():
+        grads = list(BackwardFunction.apply(*args[:8], bias, *args[8:]))
+    else:
+        grads = list(backward(*args))
     if bias is None:
         grads[5] = None
     if w_hr is None:
@@ -81,30 +78,152 @@ def _backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
     return (*grads, None, None)
 
 
-def _backward_through_reference(differentiable, grads_out, batch_sizes, reverse, needs_grad):
-    """The first derivative as a differentiable graph, for create_graph=True."""
-    dtype = differentiable[0].dtype
-    acc = accumulate_dtype(dtype)
-    with torch.enable_grad():
-        # Leaves that need no gradient of their own stand in for inputs that need none.
-        args = [
-            None if t is None else (t if t.requires_grad else t.detach().requires_grad_())
-            for t in differentiable
-        ]
-        outputs = reference.lstm_layer(
-            *(None if t is None else t.to(acc) for t in args),
-            batch_sizes=batch_sizes, reverse=reverse,
-        )
-        pairs = [(o, g) for o, g in zip(outputs, grads_out) if g is not None]
-        wanted = [i for i, t in enumerate(args) if t is not None and needs_grad[i]]
-        grads = torch.autograd.grad(
-            [o for o, _ in pairs], [args[i] for i in wanted], [g.to(acc) for _, g in pairs],
-            create_graph=True, allow_unused=True,
-        ) if pairs and wanted else ()
-    result = [None] * (len(differentiable) + 2)
-    for i, g in zip(wanted, grads):
-        result[i] = None if g is None else g.to(dtype)
-    return tuple(result)
+class BackwardFunction(torch.autograd.Function):
+    """The backward op, made differentiable: the first derivative is always the fused
+    kernel's; its own derivative (double backward, gradient penalties, nested torch.func
+    transforms) is computed through the reference loop, and only when asked for.
+
+    ``bias`` is not read by the op (the saved gates hold its effect) but is an input here,
+    so that second derivatives reach it.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, bias, w_hr,
+                batch_sizes, reverse, output, gates, cells):
+        return backward(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, w_hr,
+                        batch_sizes, reverse, output, gates, cells)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:11])
+        ctx.reverse = inputs[11]
+
+    @staticmethod
+    def backward(ctx, *grad_grads):
+        *saved, batch_sizes = ctx.saved_tensors
+        grads_out, params = saved[:3], saved[3:]
+        grads = _reference_double_backward(grads_out, params, grad_grads, batch_sizes,
+                                           ctx.reverse)
+        return (*grads, None, None, None, None, None)
+
+
+def _present(tensors):
+    return [i for i, t in enumerate(tensors) if t is not None]
+
+
+def _fill(template, indices, values):
+    filled = list(template)
+    for i, v in zip(indices, values):
+        filled[i] = v
+    return filled
+
+
+def _reference_vjp(params, grads_out, batch_sizes, reverse):
+    """The first derivative through the reference loop: the gradients of the layer's
+    params (input, h0, c0, w_ih, w_hh, bias, w_hr; None where absent) given those of its
+    outputs (None for zero). Built with torch.func, so it is differentiable again both
+    under autograd and inside torch.func transforms."""
+    present = _present(params)
+
+    def layer(*tensors):
+        return reference.lstm_layer(*_fill(params, present, tensors), batch_sizes=batch_sizes,
+                                    reverse=reverse)
+
+    outputs, vjp = torch.func.vjp(layer, *(params[i] for i in present))
+    cotangents = tuple(torch.zeros_like(o) if g is None else g for o, g in zip(outputs, grads_out))
+    return _fill([None] * len(params), present, vjp(cotangents))
+
+
+def _reference_double_backward(grads_out, params, grad_grads, batch_sizes, reverse):
+    """The gradients of (grads_out, params) given those of the first derivative's results
+    (grad_grads, one per param), through :func:`_reference_vjp`, computed in the
+    accumulate dtype."""
+    acc = accumulate_dtype(params[0].dtype)
+    present_out, present_params = _present(grads_out), _present(params)
+
+    def first_derivative(*tensors):
+        tensors = [t.to(acc) for t in tensors]
+        g = _fill(grads_out, present_out, tensors[:len(present_out)])
+        p = _fill(params, present_params, tensors[len(present_out):])
+        grads = _reference_vjp(p, g, batch_sizes, reverse)
+        return tuple(grads[i] for i in present_params)
+
+    primals = [grads_out[i] for i in present_out] + [params[i] for i in present_params]
+    results, vjp = torch.func.vjp(first_derivative, *primals)
+    cotangents = tuple(torch.zeros_like(r) if grad_grads[i] is None else grad_grads[i].to(acc)
+                       for i, r in zip(present_params, results))
+    grads = vjp(cotangents)
+    return (*_fill([None] * 3, present_out, grads[:len(present_out)]),
+            *_fill([None] * len(params), present_params, grads[len(present_out):]))
 
 
 torch.library.register_autograd("fused_lstm::forward", _backward, setup_context=_setup_context)
+
+
+class ForwardFunction(torch.autograd.Function):
+    """The forward op with the same autograd formula, as an autograd.Function that
+    torch.func transforms accept (grad, vjp, vmap of either): the Function that
+    register_autograd generates lacks setup_context, which functorch requires (pytorch
+    issue 170834, torch <= 2.13). Its vmap rule comes from the ops' own."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*args):
+        return forward(*args)
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
+
+
+def _member(arg, in_dim, n):
+    return arg if in_dim is None else arg.select(in_dim, n)
+
+
+def _per_member(op, info, in_dims, args):
+    """Runs ``op`` once per vmapped member and stacks the results: right for any
+    batching, and the rule that keeps weight gradients per member (the kernels sum
+    them over the batch)."""
+    results = [op(*(_member(a, d, n) for a, d in zip(args, in_dims)))
+               for n in range(info.batch_size)]
+    return tuple(torch.stack(outputs) for outputs in zip(*results)), (0,) * len(results[0])
+
+
+def _fold(t, in_dim, batch_dim, size):
+    """``t`` with the vmapped members folded into its batch dimension, member-minor:
+    row ``b * size + n`` is row b of member n."""
+    if in_dim is None:
+        t = t.unsqueeze(batch_dim + 1).expand(*t.shape[:batch_dim + 1], size,
+                                              *t.shape[batch_dim + 1:])
+    else:
+        t = t.movedim(in_dim, batch_dim + 1)
+    return t.flatten(batch_dim, batch_dim + 1)
+
+
+@torch.library.register_vmap("fused_lstm::forward")
+def _forward_vmap(info, in_dims, input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse):
+    args = (input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse)
+    if any(d is not None for d in in_dims[3:]):
+        return _per_member(forward, info, in_dims, args)
+    # Shared weights (per-sample gradients, a batch of independent inputs): one call over
+    # the members' rows side by side. Member-minor order keeps the rows of a packed
+    # batch sorted by length, each step's live rows scaled by the number of members.
+    size = info.batch_size
+    input = _fold(input, in_dims[0], 1, size)
+    h0 = _fold(h0, in_dims[1], 0, size)
+    c0 = _fold(c0, in_dims[2], 0, size)
+    if batch_sizes is not None:
+        batch_sizes = batch_sizes * size
+    output, h_n, c_n, gates, cells = forward(input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes,
+                                             reverse)
+    unfolded = (output.unflatten(1, (-1, size)), h_n.unflatten(0, (-1, size)),
+                c_n.unflatten(0, (-1, size)), gates.unflatten(1, (-1, size)),
+                cells.unflatten(1, (-1, size)))
+    return unfolded, (2, 1, 1, 2, 2)
+
+
+@torch.library.register_vmap("fused_lstm::backward")
+def _backward_vmap(info, in_dims, *args):
+    return _per_member(backward, info, in_dims, args)

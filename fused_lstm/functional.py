@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _ops
+from . import _onnx, _ops
 
 # (w_ih, w_hh, b_ih, b_hh, w_hr) of one layer and direction; biases and w_hr may be None.
 LayerWeights = tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]
@@ -47,9 +47,24 @@ def lstm_layer(
         ``c_n [B, H]``: each row's state after its last live step.
 
     float32 and float64 everywhere; bfloat16 and float16 compute in float32.
+
+    Under ``torch.onnx.export`` the layer is exported as ONNX's LSTM operator, or as the
+    reference loop where that operator cannot express it (fused_lstm._onnx).
     """
+    if torch.onnx.is_in_onnx_export():
+        if not _onnx.expressible(input, w_hr, batch_sizes):
+            return reference_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes,
+                                   reverse)
+        # Under the TorchScript exporter (tracing), the op is recorded and mapped by its
+        # registered symbolic.
+        if not torch.jit.is_tracing():
+            return _onnx.lstm_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse)
     bias = _combined_bias(b_ih, b_hh)
-    output, h_n, c_n, _, _ = _ops.forward(input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse)
+    args = (input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse)
+    if torch._C._are_functorch_transforms_active():
+        output, h_n, c_n, _, _ = _ops.ForwardFunction.apply(*args)
+    else:
+        output, h_n, c_n, _, _ = _ops.forward(*args)
     return output, h_n, c_n
 
 

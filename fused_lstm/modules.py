@@ -1,8 +1,10 @@
 """FusedLSTM: torch.nn.LSTM's interface and behaviour on the fused kernels."""
 from __future__ import annotations
 
+import functools
 import math
 import numbers
+import os
 import warnings
 
 import torch
@@ -10,7 +12,7 @@ from torch import Tensor, nn
 from torch.nn import init
 from torch.nn.utils.rnn import PackedSequence
 
-from . import functional
+from . import _ops, functional
 
 
 class FusedLSTM(nn.Module):
@@ -106,6 +108,7 @@ class FusedLSTM(nn.Module):
         real_hidden_size = proj_size if proj_size > 0 else hidden_size
         self._flat_weights_names: list[str] = []
         self._all_weights: list[list[str]] = []
+        shapes: list[tuple[int, ...]] = []
         for layer in range(num_layers):
             for direction in range(num_directions):
                 layer_input_size = input_size if layer == 0 else real_hidden_size * num_directions
@@ -119,10 +122,17 @@ class FusedLSTM(nn.Module):
                                (f"bias_hh_l{layer}{suffix}", (gate_size,))]
                 if proj_size > 0:
                     params += [(f"weight_hr_l{layer}{suffix}", (proj_size, hidden_size))]
-                for name, shape in params:
-                    setattr(self, name, nn.Parameter(torch.empty(shape, **factory_kwargs)))
                 self._flat_weights_names.extend(name for name, _ in params)
                 self._all_weights.append([name for name, _ in params])
+                shapes.extend(shape for _, shape in params)
+        itemsize = (dtype or torch.get_default_dtype()).itemsize
+        _check_fits(
+            sum(math.prod(shape) for shape in shapes) * itemsize,
+            torch.device(device) if device is not None else torch.get_default_device(),
+            "the parameters",
+        )
+        for name, shape in zip(self._flat_weights_names, shapes):
+            setattr(self, name, nn.Parameter(torch.empty(shape, **factory_kwargs)))
         self.reset_parameters()
 
     @classmethod
@@ -221,6 +231,20 @@ class FusedLSTM(nn.Module):
                     f"Expected hidden[{k}] dtype {input.dtype} (the input's), got {state.dtype}"
                 )
 
+    def _check_memory(self, x: Tensor, layers: int, out_size: int) -> None:
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return
+        seq_len, batch = x.shape[0], x.shape[1]
+        acc = _ops.accumulate_dtype(x.dtype).itemsize
+        # Per layer and direction: output [T, B, P]; gates [T, B, 4H] and cells [T, B, H]
+        # in the accumulate dtype.
+        needed = layers * seq_len * batch * (
+            out_size * x.element_size() + 5 * self.hidden_size * acc
+        )
+        _check_fits(needed, x.device,
+                    f"the outputs and the state kept for backward of {seq_len} steps x "
+                    f"{batch} sequences")
+
     def forward(self, input, hx=None):
         packed = isinstance(input, PackedSequence)
         if packed:
@@ -245,6 +269,7 @@ class FusedLSTM(nn.Module):
 
         layers = self.num_layers * (2 if self.bidirectional else 1)
         out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        self._check_memory(x, layers, out_size)
         if hx is None:
             zeros = dict(dtype=x.dtype, device=x.device)
             h0 = torch.zeros(layers, batch, out_size, **zeros)
@@ -289,8 +314,54 @@ class FusedLSTM(nn.Module):
         return output, (h_n, c_n)
 
 
+def _check_fits(needed: int, device: torch.device, what: str) -> None:
+    """Refuses, before allocating anything, what cannot fit in the device's memory at all:
+    nn.LSTM fails there only in the allocator (after copying its input), and where memory
+    is overcommitted a process can be killed before any error."""
+    limit = _device_memory(device)
+    if limit is not None and needed > limit:
+        raise torch.OutOfMemoryError(
+            f"FusedLSTM: {what} need {needed / 2**30:.1f} GiB, more than the "
+            f"{limit / 2**30:.1f} GiB of memory of {device}"
+        )
+
+
+def _device_memory(device: torch.device) -> int | None:
+    """The memory of a device in bytes (RAM and swap for the CPU), None where unknown."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu":
+        return _host_memory()
+    return None
+
+
+@functools.cache
+def _host_memory() -> int | None:
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("SwapTotal:"):
+                    total += int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return total
+
+
 class ReferenceLSTM(FusedLSTM):
     """FusedLSTM's interface on the Python time-step loop (fused_lstm.reference): the
     slow baseline of the benchmark and the examples, with everything else equal."""
 
     _layer = staticmethod(functional.reference_layer)
+
+
+# A whole saved model (torch.save(model)) loads with torch.load's default weights_only=True
+# when the user trusts only their own classes, as it does with nn.LSTM inside. Registered
+# under their qualified names: the (class, name) entries stay when a user's
+# safe_globals([FusedLSTM, ...]) context removes the plain class on exit.
+torch.serialization.add_safe_globals(
+    [(cls, f"{cls.__module__}.{cls.__qualname__}") for cls in (FusedLSTM, ReferenceLSTM)]
+)
