@@ -16,7 +16,12 @@ InputAndWeightGrads input_and_weight_grads(const Dims& d, const std::vector<int6
   const int64_t T = d.seq_len, B = d.batch, H = d.hidden_size, P = d.output_size;
   const at::Tensor grad_gates2d = grad_gates.view({T * B, 4 * H});
   at::Tensor grad_input = at::mm(grad_gates2d, w_ih).view({T, B, d.input_size});
-  at::Tensor grad_w_ih = at::mm(grad_gates2d.t(), x.view({T * B, d.input_size}));
+  const at::Tensor x2d = x.view({T * B, d.input_size});
+  // For a narrow input the library GEMM is faster producing the transpose (measured with
+  // MKL on 2 cores: 0.65 against 1.0 ms for the seed's I = 28, 4H = 1024, T·B = 1120).
+  at::Tensor grad_w_ih = x.is_cpu() && d.input_size < 64
+                             ? at::mm(x2d.t(), grad_gates2d).t().contiguous()
+                             : at::mm(grad_gates2d.t(), x2d);
   at::Tensor grad_bias = grad_gates2d.sum(0);
 
   // grad_w_hh = sum over steps of grad_gates[t]ᵀ · h_prev[t], where h_prev is the

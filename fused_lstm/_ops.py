@@ -59,6 +59,9 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, out, gates, cells)
     ctx.reverse = reverse
     ctx.mark_non_differentiable(gates, cells)
+    # Unused outputs (gates and cells always, often h_n and c_n) pass None to the
+    # backward op, which reads it as zero, rather than tensors of zeros filled each step.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cells):

@@ -1,18 +1,26 @@
 // Bodies of the kernels declared in kernels.h. Included by one .cpp per CPU capability,
-// each of which defines CPU_CAPABILITY (and the matching CPU_CAPABILITY_* macro) first, so
-// that at::vec::Vectorized is that capability's.
+// each of which defines CPU_CAPABILITY (and CPU_CAPABILITY_AVX2 for the AVX2 build) and is
+// compiled with that capability's instruction set.
+//
+// The kernels are written with the compiler's vector types (32 bytes: 8 floats or 4
+// doubles) rather than at::vec::Vectorized, so that the small-matrix kernel keeps its
+// accumulators in registers and the activations inline: the float exp below is a few
+// instructions where a library call costs many more.
 #pragma once
 
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
+#if defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -20,121 +28,34 @@
 namespace fused_lstm::cpu::CPU_CAPABILITY {
 
 template <typename scalar_t>
-using Vec = at::vec::Vectorized<scalar_t>;
-
-template <typename scalar_t>
-inline Vec<scalar_t> sigmoid(const Vec<scalar_t>& x) {
-  // exp(-x) overflows to inf for very negative x, giving 1 / inf = 0; NaN stays NaN.
-  return (Vec<scalar_t>(scalar_t(1)) + x.neg().exp()).reciprocal();
-}
-
-// tanh to within a few units in the last place, much cheaper than the library's float
-// tanh: (1 - t) / (1 + t) with t = exp(-2|x|) where that loses little to cancellation,
-// and the odd Taylor series of tanh (to x^11, error below 1e-9 relative) near zero.
-// NaN and infinities come out as tanh's. float64 keeps the library's tanh.
-template <typename scalar_t>
-inline Vec<scalar_t> tanh(const Vec<scalar_t>& x) {
-  return x.tanh();
-}
-
-template <>
-inline Vec<float> tanh<float>(const Vec<float>& x) {
-  using V = Vec<float>;
-  const V one(1.0f);
-  const V magnitude = x.abs();
-  const V t = (magnitude * V(-2.0f)).exp();
-  const V far = (one - t) / (one + t);
-  const V x2 = x * x;
-  V series(-1382.0f / 155925.0f);
-  series = at::vec::fmadd(series, x2, V(62.0f / 2835.0f));
-  series = at::vec::fmadd(series, x2, V(-17.0f / 315.0f));
-  series = at::vec::fmadd(series, x2, V(2.0f / 15.0f));
-  series = at::vec::fmadd(series, x2, V(-1.0f / 3.0f));
-  series = at::vec::fmadd(series * x2, magnitude, magnitude);
-  const V near = magnitude < V(0.3f);
-  const V result = V::blendv(far, series, near);
-  return result | (x & V(-0.0f));  // tanh is odd: the sign of x
-}
-
-// Runs body(j, count) over [j0, j1) in vector-sized pieces; the last may be partial.
-template <typename scalar_t, typename F>
-inline void for_each_vector(int64_t j0, int64_t j1, const F& body) {
-  constexpr int64_t width = Vec<scalar_t>::size();
-  int64_t j = j0;
-  for (; j + width <= j1; j += width) body(j, width);
-  if (j < j1) body(j, j1 - j);
-}
-
-template <typename scalar_t>
-void cell_forward(const CellForwardRow<scalar_t>& row, int64_t H, int64_t j0, int64_t j1) {
-  using V = Vec<scalar_t>;
-  for_each_vector<scalar_t>(j0, j1, [&](int64_t j, int64_t n) {
-    scalar_t* g = row.gates;
-    const V i = sigmoid<scalar_t>(V::loadu(g + j, n));
-    const V f = sigmoid<scalar_t>(V::loadu(g + H + j, n));
-    const V cand = tanh<scalar_t>(V::loadu(g + 2 * H + j, n));
-    const V o = sigmoid<scalar_t>(V::loadu(g + 3 * H + j, n));
-    const V c = f * V::loadu(row.c_prev + j, n) + i * cand;
-    const V h = o * tanh<scalar_t>(c);
-    i.store(g + j, n);
-    f.store(g + H + j, n);
-    cand.store(g + 2 * H + j, n);
-    o.store(g + 3 * H + j, n);
-    c.store(row.c + j, n);
-    h.store(row.h + j, n);
-  });
-}
-
-template <typename scalar_t>
-void cell_backward(const CellBackwardRow<scalar_t>& row, int64_t H, int64_t j0, int64_t j1) {
-  using V = Vec<scalar_t>;
-  const V one(scalar_t(1));
-  for_each_vector<scalar_t>(j0, j1, [&](int64_t j, int64_t n) {
-    const scalar_t* g = row.gates;
-    const V i = V::loadu(g + j, n);
-    const V f = V::loadu(g + H + j, n);
-    const V cand = V::loadu(g + 2 * H + j, n);
-    const V o = V::loadu(g + 3 * H + j, n);
-    const V tanh_c = tanh<scalar_t>(V::loadu(row.c + j, n));
-    const V grad_h = V::loadu(row.grad_h + j, n);
-    // c_t feeds h_t (through o * tanh) and c_{t+1} (whose gradient grad_c brings).
-    const V grad_c = V::loadu(row.grad_c + j, n) + grad_h * o * (one - tanh_c * tanh_c);
-    scalar_t* dg = row.grad_gates;
-    (grad_c * cand * i * (one - i)).store(dg + j, n);
-    (grad_c * V::loadu(row.c_prev + j, n) * f * (one - f)).store(dg + H + j, n);
-    (grad_c * i * (one - cand * cand)).store(dg + 2 * H + j, n);
-    (grad_h * tanh_c * o * (one - o)).store(dg + 3 * H + j, n);
-    (grad_c * f).store(row.grad_c + j, n);
-  });
-}
-
-// ---------------------------------------------------------------------------------
-// The persistent recurrence.
-//
-// Matrices are multiplied in panels of kPanel columns (two vectors wide): a panel of
-// B holds K rows of kPanel contiguous values, so that the inner loop loads two vectors
-// of B and broadcasts one value of A per row. A tile is MR rows by NP panels of C, kept
-// in registers for the whole K loop: 6 x 1 panel (12 accumulators) for batches, 1 x 4
-// panels for a single row (a matrix-vector product, bound by reading the weights).
-
-// The small-matrix kernel uses the compiler's vector types rather than Vectorized, so
-// that its accumulators stay in registers through the K loop.
-template <typename scalar_t>
 struct Lanes;
 template <>
 struct Lanes<float> {
   typedef float type __attribute__((vector_size(32)));
+  typedef int32_t mask __attribute__((vector_size(32)));
 };
 template <>
 struct Lanes<double> {
   typedef double type __attribute__((vector_size(32)));
+  typedef int64_t mask __attribute__((vector_size(32)));
 };
 template <typename scalar_t>
 using lanes_t = typename Lanes<scalar_t>::type;
 template <typename scalar_t>
-constexpr int64_t kLanes = sizeof(lanes_t<scalar_t>) / sizeof(scalar_t);
+using mask_t = typename Lanes<scalar_t>::mask;
 template <typename scalar_t>
-constexpr int64_t kPanel = 2 * kLanes<scalar_t>;
+constexpr int64_t kLanes = sizeof(lanes_t<scalar_t>) / sizeof(scalar_t);
+
+template <typename scalar_t>
+inline lanes_t<scalar_t> broadcast(scalar_t x) {
+  return x - lanes_t<scalar_t>{};  // x - 0 is x, signed zeros included
+}
+
+// a where the mask is set, b elsewhere
+template <typename scalar_t>
+inline lanes_t<scalar_t> select(mask_t<scalar_t> m, lanes_t<scalar_t> a, lanes_t<scalar_t> b) {
+  return (lanes_t<scalar_t>)((m & (mask_t<scalar_t>)a) | (~m & (mask_t<scalar_t>)b));
+}
 
 inline lanes_t<float> fmadd(lanes_t<float> a, lanes_t<float> b, lanes_t<float> c) {
 #if defined(CPU_CAPABILITY_AVX2)
@@ -151,6 +72,7 @@ inline lanes_t<double> fmadd(lanes_t<double> a, lanes_t<double> b, lanes_t<doubl
 #endif
 }
 
+// The first `count` values from p (zeros after them).
 template <typename scalar_t>
 inline lanes_t<scalar_t> load_lanes(const scalar_t* p, int64_t count) {
   lanes_t<scalar_t> v{};
@@ -170,6 +92,129 @@ inline void store_lanes(lanes_t<scalar_t> v, scalar_t* p, int64_t count) {
     for (int64_t i = 0; i < count; ++i) p[i] = v[i];
   }
 }
+
+// exp for float to about one unit in the last place: exp(x) = 2^n exp(r) with
+// n = round(x / ln 2) and r = x - n ln 2 (ln 2 in two parts, so r is exact), and exp(r)
+// by its Taylor series to r^7 (|r| <= ln(2)/2: truncation below 1e-8 relative).
+// Below -87 it returns exp(-87) ~ 1.6e-38 instead of denormals or zero: it is only used
+// where that is then added to 1. NaN stays NaN; above ln(FLT_MAX) it is inf.
+inline lanes_t<float> exp(lanes_t<float> x) {
+  using F = lanes_t<float>;
+  const F clamped = select<float>(x < broadcast(-87.0f), broadcast(-87.0f),
+                                  select<float>(x > broadcast(88.0f), broadcast(88.0f), x));
+  const F shifter = broadcast(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const F n = (clamped * 1.44269504088896341f + shifter) - shifter;
+  const F r = (clamped - n * 0.693359375f) - n * -2.12194440e-4f;
+  F p = broadcast(1.0f / 5040);
+  p = fmadd(p, r, broadcast(1.0f / 720));
+  p = fmadd(p, r, broadcast(1.0f / 120));
+  p = fmadd(p, r, broadcast(1.0f / 24));
+  p = fmadd(p, r, broadcast(1.0f / 6));
+  p = fmadd(p, r, broadcast(0.5f));
+  p = fmadd(p, r, broadcast(1.0f));
+  p = fmadd(p, r, broadcast(1.0f));
+  const mask_t<float> two_to_n = (__builtin_convertvector(n, mask_t<float>) + 127) << 23;
+  return select<float>(x > broadcast(88.72283935546875f),
+                       broadcast(std::numeric_limits<float>::infinity()), p * (F)two_to_n);
+}
+
+// float64 (for gradcheck; speed is not its point): the library's functions, lane by lane.
+inline lanes_t<double> exp(lanes_t<double> x) {
+  for (int i = 0; i < kLanes<double>; ++i) x[i] = std::exp(x[i]);
+  return x;
+}
+
+template <typename scalar_t>
+inline lanes_t<scalar_t> sigmoid(lanes_t<scalar_t> x) {
+  // exp(-x) is inf for very negative x, giving 1 / inf = 0; NaN stays NaN.
+  return scalar_t(1) / (scalar_t(1) + exp(-x));
+}
+
+// tanh for float to within a few units in the last place: (1 - t) / (1 + t) with
+// t = exp(-2|x|) where that loses little to cancellation, and tanh's odd Taylor series
+// (to x^11: error below 1e-9 relative) for |x| < 0.3. NaN and infinities come out as
+// tanh's.
+inline lanes_t<float> tanh(lanes_t<float> x) {
+  using F = lanes_t<float>;
+  const mask_t<float> sign = (mask_t<float>)x & (mask_t<float>)broadcast(-0.0f);
+  const F magnitude = (F)((mask_t<float>)x ^ sign);
+  const F t = exp(magnitude * -2.0f);
+  const F far = (1.0f - t) / (1.0f + t);
+  const F x2 = x * x;
+  F series = broadcast(-1382.0f / 155925.0f);
+  series = fmadd(series, x2, broadcast(62.0f / 2835.0f));
+  series = fmadd(series, x2, broadcast(-17.0f / 315.0f));
+  series = fmadd(series, x2, broadcast(2.0f / 15.0f));
+  series = fmadd(series, x2, broadcast(-1.0f / 3.0f));
+  series = fmadd(series * x2, magnitude, magnitude);
+  const F result = select<float>(magnitude < broadcast(0.3f), series, far);
+  return (F)((mask_t<float>)result | sign);  // tanh is odd
+}
+
+inline lanes_t<double> tanh(lanes_t<double> x) {
+  for (int i = 0; i < kLanes<double>; ++i) x[i] = std::tanh(x[i]);
+  return x;
+}
+
+// Runs body(j, count) over [j0, j1) in pieces of one vector; the last may be partial.
+template <typename scalar_t, typename F>
+inline void for_each_vector(int64_t j0, int64_t j1, const F& body) {
+  constexpr int64_t width = kLanes<scalar_t>;
+  int64_t j = j0;
+  for (; j + width <= j1; j += width) body(j, width);
+  if (j < j1) body(j, j1 - j);
+}
+
+template <typename scalar_t>
+void cell_forward(const CellForwardRow<scalar_t>& row, int64_t H, int64_t j0, int64_t j1) {
+  for_each_vector<scalar_t>(j0, j1, [&](int64_t j, int64_t n) {
+    scalar_t* g = row.gates;
+    const auto i = sigmoid<scalar_t>(load_lanes(g + j, n));
+    const auto f = sigmoid<scalar_t>(load_lanes(g + H + j, n));
+    const auto cand = tanh(load_lanes(g + 2 * H + j, n));
+    const auto o = sigmoid<scalar_t>(load_lanes(g + 3 * H + j, n));
+    const auto c = f * load_lanes(row.c_prev + j, n) + i * cand;
+    store_lanes(i, g + j, n);
+    store_lanes(f, g + H + j, n);
+    store_lanes(cand, g + 2 * H + j, n);
+    store_lanes(o, g + 3 * H + j, n);
+    store_lanes(c, row.c + j, n);
+    store_lanes(o * tanh(c), row.h + j, n);
+  });
+}
+
+template <typename scalar_t>
+void cell_backward(const CellBackwardRow<scalar_t>& row, int64_t H, int64_t j0, int64_t j1) {
+  for_each_vector<scalar_t>(j0, j1, [&](int64_t j, int64_t n) {
+    const scalar_t* g = row.gates;
+    const auto i = load_lanes(g + j, n);
+    const auto f = load_lanes(g + H + j, n);
+    const auto cand = load_lanes(g + 2 * H + j, n);
+    const auto o = load_lanes(g + 3 * H + j, n);
+    const auto tanh_c = tanh(load_lanes(row.c + j, n));
+    const auto grad_h = load_lanes(row.grad_h + j, n);
+    // c_t feeds h_t (through o * tanh) and c_{t+1} (whose gradient grad_c brings).
+    const auto grad_c = load_lanes(row.grad_c + j, n) + grad_h * o * (scalar_t(1) - tanh_c * tanh_c);
+    scalar_t* dg = row.grad_gates;
+    store_lanes(grad_c * cand * i * (scalar_t(1) - i), dg + j, n);
+    store_lanes(grad_c * load_lanes(row.c_prev + j, n) * f * (scalar_t(1) - f), dg + H + j, n);
+    store_lanes(grad_c * i * (scalar_t(1) - cand * cand), dg + 2 * H + j, n);
+    store_lanes(grad_h * tanh_c * o * (scalar_t(1) - o), dg + 3 * H + j, n);
+    store_lanes(grad_c * f, row.grad_c + j, n);
+  });
+}
+
+// ---------------------------------------------------------------------------------
+// The persistent recurrence.
+//
+// Matrices are multiplied in panels of kPanel columns (two vectors wide): a panel of
+// B holds K rows of kPanel contiguous values, so that the inner loop loads two vectors
+// of B and broadcasts one value of A per row. A tile is MR rows by NP panels of C, kept
+// in registers for the whole K loop: 6 x 1 panel (12 accumulators) for batches, 1 x 4
+// panels for a single row (a matrix-vector product, bound by reading the weights).
+
+template <typename scalar_t>
+constexpr int64_t kPanel = 2 * kLanes<scalar_t>;
 
 template <typename scalar_t>
 struct Panel {
@@ -337,7 +382,6 @@ void recurrent_forward(const RecurrentForward<scalar_t>& a) {
       }
     }
     const int64_t u0 = std::min(H, first * PW), u1 = std::min(H, end * PW);
-    const auto& cell = cell_forward<scalar_t>;
     for (int64_t s = 0; s < T; ++s) {
       const Step step(s, T, a.reverse, a.live);
       scalar_t* gates = a.gates + step.t * B * 4 * H;
@@ -354,7 +398,7 @@ void recurrent_forward(const RecurrentForward<scalar_t>& a) {
           const CellForwardRow<scalar_t> row{gates + b * 4 * H,
                                              (b < step.carried ? prev_cells : a.c0) + b * H,
                                              cells + b * H, output + b * H};
-          cell(row, H, u0, u1);
+          cell_forward<scalar_t>(row, H, u0, u1);
         }
         for (int64_t q = 0; q < 4; ++q) zero_rows(gates, 4 * H, step.live, B, q * H + u0, u1 - u0);
         zero_rows(cells, H, step.live, B, u0, u1 - u0);
@@ -367,7 +411,6 @@ void recurrent_forward(const RecurrentForward<scalar_t>& a) {
 
 template <typename scalar_t>
 void recurrent_backward(const RecurrentBackward<scalar_t>& a) {
-  using V = Vec<scalar_t>;
   const int64_t T = a.seq_len, B = a.batch, H = a.hidden, PW = kPanel<scalar_t>;
   for_each_thread_slice<scalar_t>(H, [&](int64_t first, int64_t end, const auto& barrier) {
     // Columns of w_hh in panels of PW: value (k, x) of panel j is w_hh[k][j*PW + x], so
@@ -393,9 +436,9 @@ void recurrent_backward(const RecurrentBackward<scalar_t>& a) {
       if (u1 > u0) {
         for (int64_t b = 0; b < step.live; ++b) {
           if (a.grad_output != nullptr) {
-            at::vec::map2<scalar_t>([](V x, V y) { return x + y; }, a.grad_h + b * H + u0,
-                                    a.grad_h + b * H + u0,
-                                    a.grad_output + (step.t * B + b) * H + u0, u1 - u0);
+            scalar_t* grad_h = a.grad_h + b * H;
+            const scalar_t* grad_out = a.grad_output + (step.t * B + b) * H;
+            for (int64_t u = u0; u < u1; ++u) grad_h[u] += grad_out[u];
           }
           const CellBackwardRow<scalar_t> row{
               gates + b * 4 * H, cells + b * H, (b < step.carried ? prev_cells : a.c0) + b * H,
