@@ -1,4 +1,5 @@
-"""The textbook LSTM: the seed's Python time-step loop, on nn.LSTM's weight layout.
+"""The textbook LSTM: the seed's Python time-step loop (d2l's `lstm`, one matrix product
+per gate and operand), on nn.LSTM's weight layout.
 
 This is the oracle the fused kernels are tested against, the slow baseline of the
 benchmark, and the differentiable formula used when a backward must itself be
@@ -39,26 +40,34 @@ def lstm_layer(
         ``output [T, B, P]``, ``h_n [B, P]``, ``c_n [B, H]``.
     """
     seq_len, batch = input.shape[0], input.shape[1]
-    h, c = h0, c0
+    # The seed's parameters are nn.LSTM's, gate by gate: W_x* = w_ih's rows of that gate,
+    # transposed, W_h* the same of w_hh, b_* = bias's slice (rows in order i, f, g, o).
+    W_xi, W_xf, W_xc, W_xo = (w.T for w in w_ih.chunk(4, 0))
+    W_hi, W_hf, W_hc, W_ho = (w.T for w in w_hh.chunk(4, 0))
+    if bias is None:
+        b_i = b_f = b_c = b_o = 0
+    else:
+        b_i, b_f, b_c, b_o = bias.chunk(4)
+    H, C = h0, c0
     outputs: list[Tensor | None] = [None] * seq_len
     steps = range(seq_len - 1, -1, -1) if reverse else range(seq_len)
     rows = torch.arange(batch, device=input.device).unsqueeze(1)
     for t in steps:
-        gates = input[t] @ w_ih.T + h @ w_hh.T
-        if bias is not None:
-            gates = gates + bias
-        i, f, g, o = gates.chunk(4, 1)
-        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
-        c_new = f * c + i * g
-        h_new = o * torch.tanh(c_new)
+        X = input[t]
+        I = torch.sigmoid((X @ W_xi) + (H @ W_hi) + b_i)
+        F = torch.sigmoid((X @ W_xf) + (H @ W_hf) + b_f)
+        O = torch.sigmoid((X @ W_xo) + (H @ W_ho) + b_o)
+        C_tilda = torch.tanh((X @ W_xc) + (H @ W_hc) + b_c)
+        C_new = F * C + I * C_tilda
+        H_new = O * torch.tanh(C_new)
         if w_hr is not None:
-            h_new = h_new @ w_hr.T
+            H_new = H_new @ w_hr.T
         if batch_sizes is None:
-            h, c = h_new, c_new
-            outputs[t] = h_new
+            H, C = H_new, C_new
+            outputs[t] = H_new
         else:
             live = rows < int(batch_sizes[t])
-            h = torch.where(live, h_new, h)
-            c = torch.where(live, c_new, c)
-            outputs[t] = torch.where(live, h_new, torch.zeros_like(h_new))
-    return torch.stack(outputs), h, c  # type: ignore[arg-type]
+            H = torch.where(live, H_new, H)
+            C = torch.where(live, C_new, C)
+            outputs[t] = torch.where(live, H_new, torch.zeros_like(H_new))
+    return torch.stack(outputs), H, C  # type: ignore[arg-type]

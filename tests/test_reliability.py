@@ -96,7 +96,7 @@ def test_many_training_steps_do_not_grow_memory():
     train(10)
     tensors, resident = live_tensors(), resident_mib()
     train(200)
-    assert live_tensors() == tensors
+    assert live_tensors() <= tensors  # none left behind (others may be freed meanwhile)
     assert resident_mib() - resident < 16
 
 
