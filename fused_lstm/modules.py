@@ -148,6 +148,13 @@ class FusedLSTM(nn.Module):
         fused.load_state_dict(lstm.state_dict())
         return fused.train(lstm.training)
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """torch.jit.script compiles a stand-in with the same parameters and a forward in
+        TorchScript's subset (fused_lstm._script): tensor input, not PackedSequence."""
+        from ._script import ScriptableFusedLSTM
+
+        return ScriptableFusedLSTM(self)
+
     def reset_parameters(self) -> None:
         stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
         for weight in self.parameters():
@@ -356,6 +363,9 @@ class ReferenceLSTM(FusedLSTM):
     slow baseline of the benchmark and the examples, with everything else equal."""
 
     _layer = staticmethod(functional.reference_layer)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        return self  # the stand-in runs the fused op; this class has no scripted form
 
 
 # A whole saved model (torch.save(model)) loads with torch.load's default weights_only=True
