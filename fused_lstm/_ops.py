@@ -83,8 +83,9 @@ def _backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
 
 class BackwardFunction(torch.autograd.Function):
     """The backward op, made differentiable: the first derivative is always the fused
-    kernel's; its own derivative (double backward, gradient penalties, nested torch.func
-    transforms) is computed through the reference loop, and only when asked for.
+    kernel's; its own derivatives (double backward, gradient penalties, nested torch.func
+    transforms, forward-over-reverse) are computed through the reference loop, and only
+    when asked for.
 
     ``bias`` is not read by the op (the saved gates hold its effect) but is an input here,
     so that second derivatives reach it.
@@ -101,15 +102,34 @@ class BackwardFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:11])
+        ctx.save_for_forward(*inputs[:11])
         ctx.reverse = inputs[11]
 
     @staticmethod
     def backward(ctx, *grad_grads):
         *saved, batch_sizes = ctx.saved_tensors
-        grads_out, params = saved[:3], saved[3:]
-        grads = _reference_double_backward(grads_out, params, grad_grads, batch_sizes,
-                                           ctx.reverse)
+        derivative = _FirstDerivative(saved[:3], saved[3:], batch_sizes, ctx.reverse)
+        results, vjp = torch.func.vjp(derivative, *derivative.primals)
+        cotangents = [torch.zeros_like(r) if g is None else g.to(r.dtype)
+                      for r, g in zip(results, derivative.select(grad_grads))]
+        grads = derivative.unflatten(vjp(tuple(cotangents)))
         return (*grads, None, None, None, None, None)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        *saved, batch_sizes = ctx.saved_tensors
+        derivative = _FirstDerivative(saved[:3], saved[3:], batch_sizes, ctx.reverse)
+        out_tangents = _jvp(derivative, derivative.primals, derivative.tangents(tangents[:10]))
+        return derivative.outputs(out_tangents, saved[3], saved[9])
+
+
+def _jvp(f, primals, tangents):
+    """J·v of f at primals, from two reverse passes: v ↦ J·v is the vector-Jacobian
+    product of the linear map u ↦ Jᵀ·u. (torch.func.jvp would nest a forward-mode level
+    inside torch.autograd.forward_ad's, which torch refuses.)"""
+    outputs, vjp = torch.func.vjp(f, *primals)
+    _, vjp_of_vjp = torch.func.vjp(lambda *u: vjp(u), *(torch.zeros_like(o) for o in outputs))
+    return vjp_of_vjp(tuple(tangents))
 
 
 def _present(tensors):
@@ -123,43 +143,88 @@ def _fill(template, indices, values):
     return filled
 
 
-def _reference_vjp(params, grads_out, batch_sizes, reverse):
-    """The first derivative through the reference loop: the gradients of the layer's
-    params (input, h0, c0, w_ih, w_hh, bias, w_hr; None where absent) given those of its
-    outputs (None for zero). Built with torch.func, so it is differentiable again both
-    under autograd and inside torch.func transforms."""
+def _tangent_or_zeros(tangent, primal):
+    return torch.zeros_like(primal) if tangent is None else tangent.to(primal.dtype)
+
+
+def _reference_layer(params, batch_sizes, reverse):
+    """reference.lstm_layer as a function of the present ones of params (input, h0, c0,
+    w_ih, w_hh, bias, w_hr), and those primals."""
     present = _present(params)
 
     def layer(*tensors):
         return reference.lstm_layer(*_fill(params, present, tensors), batch_sizes=batch_sizes,
                                     reverse=reverse)
 
-    outputs, vjp = torch.func.vjp(layer, *(params[i] for i in present))
-    cotangents = tuple(torch.zeros_like(o) if g is None else g for o, g in zip(outputs, grads_out))
-    return _fill([None] * len(params), present, vjp(cotangents))
+    return layer, tuple(params[i] for i in present)
 
 
-def _reference_double_backward(grads_out, params, grad_grads, batch_sizes, reverse):
-    """The gradients of (grads_out, params) given those of the first derivative's results
-    (grad_grads, one per param), through :func:`_reference_vjp`, computed in the
-    accumulate dtype."""
-    acc = accumulate_dtype(params[0].dtype)
-    present_out, present_params = _present(grads_out), _present(params)
+def _reference_vjp(params, grads_out, batch_sizes, reverse):
+    """The first derivative through the reference loop: the gradients of the layer's
+    params (None where absent) given those of its outputs (None for zero). Built with
+    torch.func, so it is differentiable again both under autograd and inside torch.func
+    transforms."""
+    layer, primals = _reference_layer(params, batch_sizes, reverse)
+    outputs, vjp = torch.func.vjp(layer, *primals)
+    cotangents = tuple(_tangent_or_zeros(g, o) for o, g in zip(outputs, grads_out))
+    return _fill([None] * len(params), _present(params), vjp(cotangents))
 
-    def first_derivative(*tensors):
-        tensors = [t.to(acc) for t in tensors]
-        g = _fill(grads_out, present_out, tensors[:len(present_out)])
-        p = _fill(params, present_params, tensors[len(present_out):])
-        grads = _reference_vjp(p, g, batch_sizes, reverse)
-        return tuple(grads[i] for i in present_params)
 
-    primals = [grads_out[i] for i in present_out] + [params[i] for i in present_params]
-    results, vjp = torch.func.vjp(first_derivative, *primals)
-    cotangents = tuple(torch.zeros_like(r) if grad_grads[i] is None else grad_grads[i].to(acc)
-                       for i, r in zip(present_params, results))
-    grads = vjp(cotangents)
-    return (*_fill([None] * 3, present_out, grads[:len(present_out)]),
-            *_fill([None] * len(params), present_params, grads[len(present_out):]))
+class _FirstDerivative:
+    """The backward op's result (grad_input ... grad_w_hr) as a function of the present
+    ones of its differentiable arguments (grads_out, then params), computed through
+    :func:`_reference_vjp` in the accumulate dtype; what BackwardFunction differentiates.
+    Without a bias the op still returns the gradient of a zero bias: so does this."""
+
+    def __init__(self, grads_out, params, batch_sizes, reverse):
+        params = list(params)
+        self.bias_given = params[5] is not None
+        if params[5] is None:
+            params[5] = params[3].new_zeros(params[3].shape[0])
+        self.grads_out, self.params = list(grads_out), params
+        self.batch_sizes, self.reverse = batch_sizes, reverse
+        self.present_out, self.present_params = _present(self.grads_out), _present(params)
+        self.primals = tuple([self.grads_out[i] for i in self.present_out]
+                             + [params[i] for i in self.present_params])
+        self.acc = accumulate_dtype(params[0].dtype)
+
+    def __call__(self, *tensors):
+        tensors = [t.to(self.acc) for t in tensors]
+        split = len(self.present_out)
+        grads_out = _fill(self.grads_out, self.present_out, tensors[:split])
+        params = _fill(self.params, self.present_params, tensors[split:])
+        grads = _reference_vjp(params, grads_out, self.batch_sizes, self.reverse)
+        return tuple(grads[i] for i in self.present_params)
+
+    def select(self, per_param):
+        """Of one value per param, those of the present params."""
+        return [per_param[i] for i in self.present_params]
+
+    def tangents(self, per_argument):
+        """Tangents of the primals, from one per differentiable argument (grads_out and
+        params, bias before w_hr as BackwardFunction takes them)."""
+        per_argument = list(per_argument[:3]) + list(per_argument[3:])
+        chosen = [per_argument[i] for i in self.present_out] + \
+                 [per_argument[3 + i] for i in self.present_params]
+        return tuple(_tangent_or_zeros(t, p) for t, p in zip(chosen, self.primals))
+
+    def unflatten(self, grads):
+        """Gradients of the primals, as one entry (or None) per argument; none for the
+        zero bias that stands in for an absent one."""
+        split = len(self.present_out)
+        per_param = _fill([None] * len(self.params), self.present_params, grads[split:])
+        if not self.bias_given:
+            per_param[5] = None
+        return (*_fill([None] * 3, self.present_out, grads[:split]), *per_param)
+
+    def outputs(self, results, input, w_hr):
+        """The backward op's seven results, in the input's dtype, from those computed
+        (one per present param); an empty grad_w_hr without w_hr, as the op returns."""
+        full = _fill([None] * len(self.params), self.present_params, results)
+        full = [None if r is None else r.to(input.dtype) for r in full]
+        if w_hr is None:
+            full[6] = input.new_empty(0)
+        return tuple(full)
 
 
 torch.library.register_autograd("fused_lstm::forward", _backward, setup_context=_setup_context)
@@ -169,7 +234,8 @@ class ForwardFunction(torch.autograd.Function):
     """The forward op with the same autograd formula, as an autograd.Function that
     torch.func transforms accept (grad, vjp, vmap of either): the Function that
     register_autograd generates lacks setup_context, which functorch requires (pytorch
-    issue 170834, torch <= 2.13). Its vmap rule comes from the ops' own."""
+    issue 170834, torch <= 2.13), and forward-mode AD, which this one has (jvp, through
+    the reference loop: correct, slower). Its vmap rule comes from the ops' own."""
 
     generate_vmap_rule = True
 
@@ -177,8 +243,30 @@ class ForwardFunction(torch.autograd.Function):
     def forward(*args):
         return forward(*args)
 
-    setup_context = staticmethod(_setup_context)
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[:8])
+
     backward = staticmethod(_backward)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        *params, batch_sizes = ctx.saved_tensors
+        dtype = params[0].dtype
+        acc = accumulate_dtype(dtype)
+        layer, primals = _reference_layer([None if p is None else p.to(acc) for p in params],
+                                          batch_sizes, ctx.reverse)
+        chosen = [_tangent_or_zeros(tangents[i], params[i]).to(acc) for i in _present(params)]
+        out_tangents = _jvp(layer, primals, tuple(chosen))
+        return (*(t.to(dtype) for t in out_tangents), None, None)
+
+
+def needs_function_form() -> bool:
+    """Whether the op must run as ForwardFunction: under torch.func transforms, or with
+    forward-mode AD active (neither reaches register_autograd's formula)."""
+    return (torch._C._are_functorch_transforms_active()
+            or torch.autograd.forward_ad._current_level >= 0)
 
 
 def _member(arg, in_dim, n):

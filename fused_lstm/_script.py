@@ -10,7 +10,7 @@ in eager mode the stand-in calls the FusedLSTM it stands for, so such a model ke
 FusedLSTM's whole behaviour, PackedSequence included.
 
 A scripted model takes tensor input (batched or not, ``batch_first`` or not) with or
-without ``(h_0, c_0)``; PackedSequence input is not scripted.
+without ``(h_0, c_0)``; PackedSequence input and autocast are not scripted.
 """
 from __future__ import annotations
 
@@ -20,25 +20,31 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .modules import FusedLSTM
 
-class ScriptableFusedLSTM(nn.Module):
-    __constants__ = [
-        "input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout",
-        "bidirectional", "proj_size", "_weights_per_layer",
-    ]
 
-    def __init__(self, lstm: nn.Module) -> None:
-        super().__init__()
-        for name in ("input_size", "hidden_size", "num_layers", "bias", "batch_first",
-                     "dropout", "bidirectional", "proj_size"):
+class ScriptableFusedLSTM(FusedLSTM):
+    """The stand-in (see the module's docstring). It shares the FusedLSTM's parameters and
+    reuses its checks (check_forward_args and the rest are TorchScript-compatible); only
+    the forward is its own."""
+
+    def __init__(self, lstm: FusedLSTM) -> None:
+        nn.Module.__init__(self)
+        for name in ("mode", "input_size", "hidden_size", "num_layers", "bias", "batch_first",
+                     "dropout", "bidirectional", "proj_size", "_flat_weights_names",
+                     "_all_weights"):
             setattr(self, name, getattr(lstm, name))
         for name in lstm._flat_weights_names:
             self.register_parameter(name, getattr(lstm, name))
-        self._flat_weights: List[Tensor] = [getattr(lstm, n) for n in lstm._flat_weights_names]
+        # Parameters as TorchScript sees them: one list, in nn.LSTM's order.
+        self._script_weights: List[Tensor] = [getattr(lstm, n) for n in lstm._flat_weights_names]
         self._weights_per_layer = len(lstm._all_weights[0])
         # In a tuple, so that neither nn.Module nor torch.jit takes it for a submodule.
         self._stands_for = (lstm,)
         self.train(lstm.training)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        return self
 
     @torch.jit.unused
     def _eager_forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]]):
@@ -46,7 +52,7 @@ class ScriptableFusedLSTM(nn.Module):
         lstm.train(self.training)
         return lstm(input, hx)
 
-    def forward(
+    def forward(  # type: ignore[override]
         self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None
     ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
         if not torch.jit.is_scripting():
@@ -57,26 +63,11 @@ class ScriptableFusedLSTM(nn.Module):
         batch_dim = 0 if self.batch_first else 1
         if not batched:
             input = input.unsqueeze(batch_dim)
-        weight = self._flat_weights[0]
-        if input.dtype != weight.dtype:
-            raise ValueError(
-                f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight.dtype})"
-            )
-        if self.input_size != input.size(-1):
-            raise RuntimeError(
-                f"input.size(-1) must be equal to input_size. Expected {self.input_size}, "
-                f"got {input.size(-1)}"
-            )
-        x = input.transpose(0, 1) if self.batch_first else input
-        if x.size(0) == 0:
-            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
-        directions = 2 if self.bidirectional else 1
-        layers = self.num_layers * directions
-        out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
-        batch = x.size(1)
         if hx is None:
-            h0 = torch.zeros(layers, batch, out_size, dtype=x.dtype, device=x.device)
-            c0 = torch.zeros(layers, batch, self.hidden_size, dtype=x.dtype, device=x.device)
+            h0 = torch.zeros(self.get_expected_hidden_size(input, None), dtype=input.dtype,
+                             device=input.device)
+            c0 = torch.zeros(self.get_expected_cell_size(input, None), dtype=input.dtype,
+                             device=input.device)
         else:
             h0, c0 = hx
             expected = 3 if batched else 2
@@ -88,22 +79,18 @@ class ScriptableFusedLSTM(nn.Module):
                 )
             if not batched:
                 h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
-            if h0.size() != [layers, batch, out_size]:
-                raise RuntimeError(
-                    f"Expected hidden[0] size ({layers}, {batch}, {out_size}), got {h0.size()}"
-                )
-            if c0.size() != [layers, batch, self.hidden_size]:
-                raise RuntimeError(
-                    f"Expected hidden[1] size ({layers}, {batch}, {self.hidden_size}), "
-                    f"got {c0.size()}"
-                )
+        self.check_forward_args(input, (h0, c0), None)
+        x = input.transpose(0, 1) if self.batch_first else input
+        if x.size(0) == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        directions = 2 if self.bidirectional else 1
         h_n: List[Tensor] = []
         c_n: List[Tensor] = []
         for layer in range(self.num_layers):
             outputs: List[Tensor] = []
             for direction in range(directions):
                 k = layer * directions + direction
-                w = self._flat_weights[k * self._weights_per_layer:(k + 1) * self._weights_per_layer]
+                w = self._script_weights[k * self._weights_per_layer:(k + 1) * self._weights_per_layer]
                 bias: Optional[Tensor] = None
                 w_hr: Optional[Tensor] = None
                 if self.bias:

@@ -61,7 +61,7 @@ def lstm_layer(
             return _onnx.lstm_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse)
     bias = _combined_bias(b_ih, b_hh)
     args = (input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse)
-    if torch._C._are_functorch_transforms_active():
+    if _ops.needs_function_form():
         output, h_n, c_n, _, _ = _ops.ForwardFunction.apply(*args)
     else:
         output, h_n, c_n, _, _ = _ops.forward(*args)

@@ -6,6 +6,7 @@ import math
 import numbers
 import os
 import warnings
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +35,7 @@ class FusedLSTM(nn.Module):
         "mode", "input_size", "hidden_size", "num_layers", "bias", "batch_first",
         "dropout", "bidirectional", "proj_size",
     ]
+    __jit_unused_properties__ = ["all_weights", "_flat_weights"]
 
     # The function that runs one layer in one direction (see functional.lstm_layer).
     _layer = staticmethod(functional.lstm_layer)
@@ -59,6 +61,7 @@ class FusedLSTM(nn.Module):
         self.num_layers = num_layers
         self.bias = bias
         self.batch_first = batch_first
+        self.dropout = float(dropout)
         if (
             not isinstance(dropout, numbers.Number)
             or isinstance(dropout, bool)
@@ -68,7 +71,6 @@ class FusedLSTM(nn.Module):
                 "dropout should be a number in range [0, 1] representing the "
                 "probability of an element being zeroed"
             )
-        self.dropout = float(dropout)
         self.bidirectional = bidirectional
         self.proj_size = proj_size
         if dropout > 0 and num_layers == 1:
@@ -188,55 +190,98 @@ class FusedLSTM(nn.Module):
         return s.format(**self.__dict__)
 
     def _layer_weights(self, dtype: torch.dtype | None) -> list[functional.LayerWeights]:
+        """(w_ih, w_hh, b_ih, b_hh, w_hr) per layer and direction, cast to `dtype` if given.
+        Each layer's names are in nn.LSTM's order: w_ih, w_hh, then b_ih, b_hh with bias,
+        then w_hr with a projection."""
         weights = []
         for names in self._all_weights:
-            params = {name.split("_l")[0]: getattr(self, name) for name in names}
-            layer = tuple(
-                params.get(key) for key in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
-            )
+            params = [getattr(self, name) for name in names]
             if dtype is not None:
-                layer = tuple(None if w is None else w.to(dtype) for w in layer)
-            weights.append(layer)
+                params = [w.to(dtype) if _autocast_eligible(w) else w for w in params]
+            biases = (params[2], params[3]) if self.bias else (None, None)
+            w_hr = params[-1] if self.proj_size > 0 else None
+            weights.append((params[0], params[1], *biases, w_hr))
         return weights
 
-    def _check_input(self, input: Tensor, expected_dim: int) -> None:
+    # nn.LSTM's checks, with its names, signatures, order and messages (code written for
+    # nn.LSTM may call them), plus the device and state-dtype checks its kernel makes.
+    def check_input(self, input: Tensor, batch_sizes: Optional[Tensor]) -> None:
         weight = self.weight_ih_l0
-        if input.dtype != weight.dtype and not torch._C._is_any_autocast_enabled():
-            raise ValueError(
-                f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight.dtype}). "
-                f"Convert input: input.to({weight.dtype}), or convert model: model.to({input.dtype})"
-            )
-        if input.dim() != expected_dim:
-            raise RuntimeError(f"input must have {expected_dim} dimensions, got {input.dim()}")
+        if not torch.jit.is_scripting():
+            if input.dtype != weight.dtype and not torch._C._is_any_autocast_enabled():
+                raise ValueError(
+                    f"RNN input dtype ({input.dtype}) does not match weight dtype "
+                    f"({weight.dtype}). Convert input: input.to({weight.dtype}), or convert "
+                    f"model: model.to({input.dtype})"
+                )
+        expected_input_dim = 2 if batch_sizes is not None else 3
+        if input.dim() != expected_input_dim:
+            raise RuntimeError(f"input must have {expected_input_dim} dimensions, got {input.dim()}")
         if self.input_size != input.size(-1):
             raise RuntimeError(
                 f"input.size(-1) must be equal to input_size. Expected {self.input_size}, "
                 f"got {input.size(-1)}"
             )
+
+    def get_expected_hidden_size(
+        self, input: Tensor, batch_sizes: Optional[Tensor]
+    ) -> Tuple[int, int, int]:
+        if batch_sizes is not None:
+            mini_batch = int(batch_sizes[0])
+        else:
+            mini_batch = input.size(0) if self.batch_first else input.size(1)
+        num_directions = 2 if self.bidirectional else 1
+        size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        return (self.num_layers * num_directions, mini_batch, size)
+
+    def get_expected_cell_size(
+        self, input: Tensor, batch_sizes: Optional[Tensor]
+    ) -> Tuple[int, int, int]:
+        layers, mini_batch, _ = self.get_expected_hidden_size(input, batch_sizes)
+        return (layers, mini_batch, self.hidden_size)
+
+    def check_hidden_size(
+        self, hx: Tensor, expected_hidden_size: Tuple[int, int, int],
+        msg: str = "Expected hidden size {}, got {}",
+    ) -> None:
+        if hx.size() != expected_hidden_size:
+            raise RuntimeError(msg.format(expected_hidden_size, list(hx.size())))
+
+    def check_forward_args(
+        self, input: Tensor, hidden: Tuple[Tensor, Tensor], batch_sizes: Optional[Tensor]
+    ) -> None:
+        self.check_input(input, batch_sizes)
+        self.check_hidden_size(hidden[0], self.get_expected_hidden_size(input, batch_sizes),
+                               "Expected hidden[0] size {}, got {}")
+        self.check_hidden_size(hidden[1], self.get_expected_cell_size(input, batch_sizes),
+                               "Expected hidden[1] size {}, got {}")
+        weight = self.weight_ih_l0
         if input.device != weight.device:
             raise RuntimeError(
                 "Input and parameter tensors are not at the same device, found input tensor "
                 f"at {input.device} and parameter tensor at {weight.device}"
             )
-
-    def _check_hidden(self, input: Tensor, hx: tuple[Tensor, Tensor], batch: int) -> None:
-        layers = self.num_layers * (2 if self.bidirectional else 1)
-        expected = (
-            (layers, batch, self.proj_size if self.proj_size > 0 else self.hidden_size),
-            (layers, batch, self.hidden_size),
-        )
-        for k, (state, size) in enumerate(zip(hx, expected)):
-            if state.size() != size:
-                raise RuntimeError(f"Expected hidden[{k}] size {size}, got {list(state.size())}")
+        autocast = False
+        if not torch.jit.is_scripting():
+            autocast = torch._C._is_any_autocast_enabled()
+        for k in range(2):
+            state = hidden[k]
             if state.device != input.device:
                 raise RuntimeError(
                     "Input and hidden tensors are not at the same device, found input tensor "
                     f"at {input.device} and hidden tensor at {state.device}"
                 )
-            if state.dtype != input.dtype and not torch._C._is_any_autocast_enabled():
+            if state.dtype != input.dtype and not autocast:
                 raise RuntimeError(
                     f"Expected hidden[{k}] dtype {input.dtype} (the input's), got {state.dtype}"
                 )
+
+    def permute_hidden(
+        self, hx: Tuple[Tensor, Tensor], permutation: Optional[Tensor]
+    ) -> Tuple[Tensor, Tensor]:
+        if permutation is None:
+            return hx
+        return hx[0].index_select(1, permutation), hx[1].index_select(1, permutation)
 
     def _check_memory(self, x: Tensor, layers: int, out_size: int) -> None:
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
@@ -253,63 +298,58 @@ class FusedLSTM(nn.Module):
                     f"{batch} sequences")
 
     def forward(self, input, hx=None):
+        """nn.LSTM's forward, checks in its order (see nn.LSTM for the arguments)."""
         packed = isinstance(input, PackedSequence)
+        batch_sizes = sorted_indices = unsorted_indices = None
         if packed:
-            data, batch_sizes, sorted_indices, unsorted_indices = input
-            self._check_input(data, 2)
-            batch = int(batch_sizes[0])
-            positions = functional.packed_positions(batch_sizes).to(data.device)
-            x = functional.packed_to_padded(data, batch_sizes, positions)
+            input, batch_sizes, sorted_indices, unsorted_indices = input
+        elif input.dim() not in (2, 3):
+            raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+        batched = packed or input.dim() == 3
+        batch_dim = 0 if self.batch_first else 1
+        if not batched:
+            input = input.unsqueeze(batch_dim)
+        if hx is None:
+            zeros = dict(dtype=input.dtype, device=input.device)
+            hx = (torch.zeros(self.get_expected_hidden_size(input, batch_sizes), **zeros),
+                  torch.zeros(self.get_expected_cell_size(input, batch_sizes), **zeros))
         else:
-            if input.dim() not in (2, 3):
-                raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
-            batched = input.dim() == 3
-            batch_dim = 0 if self.batch_first else 1
+            if not packed:
+                expected = 3 if batched else 2
+                if hx[0].dim() != expected or hx[1].dim() != expected:
+                    kind = "batched 3-D" if batched else "unbatched 2-D"
+                    raise RuntimeError(
+                        f"For {kind} input, hx and cx should also be {expected}-D but got "
+                        f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
+                    )
+            if isinstance(hx, Tensor) or len(hx) != 2:
+                raise RuntimeError("lstm expects two hidden states")
             if not batched:
-                input = input.unsqueeze(batch_dim)
-            self._check_input(input, 3)
-            batch_sizes = sorted_indices = unsorted_indices = None
+                hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+        self.check_forward_args(input, tuple(hx), batch_sizes)
+        h0, c0 = self.permute_hidden(tuple(hx), sorted_indices)
+
+        if packed:
+            positions = functional.packed_positions(batch_sizes).to(input.device)
+            x = functional.packed_to_padded(input, batch_sizes, positions)
+        else:
             x = input.transpose(0, 1) if self.batch_first else input
-            batch = x.size(1)
             if x.size(0) == 0:
                 raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        self._check_memory(x, h0.size(0), h0.size(2))
 
-        layers = self.num_layers * (2 if self.bidirectional else 1)
-        out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
-        self._check_memory(x, layers, out_size)
-        if hx is None:
-            zeros = dict(dtype=x.dtype, device=x.device)
-            h0 = torch.zeros(layers, batch, out_size, **zeros)
-            c0 = torch.zeros(layers, batch, self.hidden_size, **zeros)
-        else:
-            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                raise RuntimeError("lstm expects two hidden states")
-            h0, c0 = hx
-            expected = 2 if not packed and not batched else 3
-            if h0.dim() != expected or c0.dim() != expected:
-                kind = "batched 3-D" if expected == 3 else "unbatched 2-D"
-                raise RuntimeError(
-                    f"For {kind} input, hx and cx should also be {expected}-D but got "
-                    f"({h0.dim()}-D, {c0.dim()}-D) tensors"
-                )
-            if expected == 2:
-                h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
-            self._check_hidden(x, (h0, c0), batch)
-            if sorted_indices is not None:
-                h0, c0 = h0.index_select(1, sorted_indices), c0.index_select(1, sorted_indices)
-
-        # Under autocast, run in its dtype, as nn.LSTM does on cuDNN.
+        # Under autocast, run in its dtype, as nn.LSTM does on cuDNN; like autocast itself,
+        # leave float64 alone.
         dtype = None
         if torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
-            x, h0, c0 = x.to(dtype), h0.to(dtype), c0.to(dtype)
+            x, h0, c0 = (t.to(dtype) if _autocast_eligible(t) else t for t in (x, h0, c0))
 
         output, h_n, c_n = functional.lstm(
             x, h0, c0, self._layer_weights(dtype), self.num_layers, self.bidirectional,
             self.dropout, self.training, batch_sizes, layer=self._layer,
         )
-        if unsorted_indices is not None:
-            h_n, c_n = h_n.index_select(1, unsorted_indices), c_n.index_select(1, unsorted_indices)
+        h_n, c_n = self.permute_hidden((h_n, c_n), unsorted_indices)
         if packed:
             data = functional.padded_to_packed(output, positions)
             return PackedSequence(data, batch_sizes, sorted_indices, unsorted_indices), (h_n, c_n)
@@ -319,6 +359,11 @@ class FusedLSTM(nn.Module):
             output = output.squeeze(batch_dim)
             h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
         return output, (h_n, c_n)
+
+
+def _autocast_eligible(t: Tensor) -> bool:
+    """Autocast's own rule: floating-point tensors are cast, float64 ones are not."""
+    return t.is_floating_point() and t.dtype != torch.float64
 
 
 def _check_fits(needed: int, device: torch.device, what: str) -> None:

@@ -63,6 +63,9 @@ def test_scripted_unbatched_input_and_errors():
         assert a.shape == b.shape and max_error(a, b) < 1e-12
     with pytest.raises(torch.jit.Error, match="input.size\\(-1\\) must be equal to input_size"):
         scripted(torch.randn(5, 3, 7, dtype=torch.float64))
+    with pytest.raises(torch.jit.Error, match="Expected hidden\\[1\\] dtype"):
+        scripted(torch.randn(5, 3, 4, dtype=torch.float64),
+                 (torch.zeros(1, 3, 5, dtype=torch.float64), torch.zeros(1, 3, 5)))
     with pytest.raises(torch.jit.Error, match="Expected hidden\\[0\\] size"):
         scripted(torch.randn(5, 3, 4, dtype=torch.float64),
                  (torch.zeros(1, 2, 5, dtype=torch.float64), torch.zeros(1, 3, 5, dtype=torch.float64)))
