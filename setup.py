@@ -43,7 +43,7 @@ def _want_cuda():
 
 
 # Sources compiled a second time with these flags, their kernels picked at run time
-# only on CPUs that have the instructions (csrc/cpu/cell.h).
+# only on CPUs that have the instructions (csrc/cpu/kernels.h).
 ISA_SOURCES = {"csrc/cpu/kernels_avx2.cpp": ["-mavx2", "-mfma"]}
 
 

@@ -70,36 +70,36 @@ def main():
     print("largest loss difference over the first 10 steps: "
           f"{max(abs(a - b) for a, b in zip(losses[:10], reference_losses)):.1e}")
 
-    directory = tempfile.mkdtemp()
-    path = os.path.join(directory, "model.pt")
-    torch.save(model, path)
-    # weights_only=True (the default): the script trusts its own classes, as it would
-    # with nn.LSTM inside; FusedLSTM registered itself as safe when imported.
-    with torch.serialization.safe_globals([FrequencyClassifier, nn.Linear]):
-        loaded = torch.load(path)
-    x, _ = batch(8)
-    with torch.no_grad():
-        same = torch.equal(loaded(x), model(x))
-    print(f"reloaded {type(loaded.lstm).__name__} from {os.path.basename(path)}: "
-          f"outputs bitwise equal: {same}")
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "model.pt")
+        torch.save(model, path)
+        # weights_only=True (the default): the script trusts its own classes, as it would
+        # with nn.LSTM inside; FusedLSTM registered itself as safe when imported.
+        with torch.serialization.safe_globals([FrequencyClassifier, nn.Linear]):
+            loaded = torch.load(path)
+        x, _ = batch(8)
+        with torch.no_grad():
+            same = torch.equal(loaded(x), model(x))
+        print(f"reloaded {type(loaded.lstm).__name__} from {os.path.basename(path)}: "
+              f"outputs bitwise equal: {same}")
 
-    if not all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime")):
-        print("ONNX export skipped: pip install onnx onnxscript onnxruntime")
-        return
-    import onnx
-    import onnxruntime
+        if not all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime")):
+            print("ONNX export skipped: pip install onnx onnxscript onnxruntime")
+            return
+        import onnx
+        import onnxruntime
 
-    onnx_path = os.path.join(directory, "model.onnx")
-    torch.onnx.export(loaded.eval(), (x,), onnx_path, dynamic_shapes=({0: "batch"},),
-                      verbose=False)
-    operators = sorted({node.op_type for node in onnx.load(onnx_path).graph.node})
-    session = onnxruntime.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
-    x, _ = batch(100)
-    (logits,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-    with torch.no_grad():
-        error = (torch.from_numpy(logits) - loaded(x)).abs().max().item()
-    print(f"ONNX operators {operators}; onnxruntime vs PyTorch on 100 new sequences: "
-          f"max abs difference {error:.1e}")
+        onnx_path = os.path.join(directory, "model.onnx")
+        torch.onnx.export(loaded.eval(), (x,), onnx_path, dynamic_shapes=({0: "batch"},),
+                          verbose=False)
+        operators = sorted({node.op_type for node in onnx.load(onnx_path).graph.node})
+        session = onnxruntime.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+        x, _ = batch(100)
+        (logits,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        with torch.no_grad():
+            error = (torch.from_numpy(logits) - loaded(x)).abs().max().item()
+        print(f"ONNX operators {operators}; onnxruntime vs PyTorch on 100 new sequences: "
+              f"max abs difference {error:.1e}")
 
 
 if __name__ == "__main__":

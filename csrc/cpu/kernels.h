@@ -1,6 +1,6 @@
 // CPU kernels that are compiled once per CPU capability (kernels_default.cpp, and
-// kernels_avx2.cpp with -mavx2 -mfma): kernels_impl.h holds their bodies, written with
-// at::vec::Vectorized. cpu_kernels() picks the best build this CPU runs.
+// kernels_avx2.cpp with -mavx2 -mfma): kernels_impl.h holds their bodies, written with the
+// compiler's vector types. cpu_kernels() picks the best build this CPU runs.
 //
 // Two families:
 // - Element-wise kernels over one row and a range of hidden units (gate activations and

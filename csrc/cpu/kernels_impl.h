@@ -96,8 +96,11 @@ inline void store_lanes(lanes_t<scalar_t> v, scalar_t* p, int64_t count) {
 // exp for float to about one unit in the last place: exp(x) = 2^n exp(r) with
 // n = round(x / ln 2) and r = x - n ln 2 (ln 2 in two parts, so r is exact), and exp(r)
 // by its Taylor series to r^7 (|r| <= ln(2)/2: truncation below 1e-8 relative).
-// Below -87 it returns exp(-87) ~ 1.6e-38 instead of denormals or zero: it is only used
-// where that is then added to 1. NaN stays NaN; above ln(FLT_MAX) it is inf.
+// Its argument is clamped to [-87, 88] so that 2^n stays a normal float: below -87 it
+// returns exp(-87) ~ 1.6e-38 instead of denormals or zero, and on (88, ln(FLT_MAX)] it
+// returns exp(88); the kernels only use it where the result is added to 1 (sigmoid, and
+// tanh's exp(-2|x|) <= 1), which makes both invisible. NaN stays NaN; above ln(FLT_MAX)
+// it is inf.
 inline lanes_t<float> exp(lanes_t<float> x) {
   using F = lanes_t<float>;
   const F clamped = select<float>(x < broadcast(-87.0f), broadcast(-87.0f),

@@ -333,16 +333,18 @@ struct BackwardBlock {
     const int64_t H = p.hidden_size;
     Tile::for_each_pair(tid, row0, unit0, p.batch, H, [&](int m, int u, int64_t b, int64_t j) {
       const int64_t at = b * H + j;
-      const acc_t grad_h = b < p.rows_next ? th.acc[m][u] : p.grad_h[at];
       if (b >= p.rows) {
         // Not live at s: a row live at s+1 started there from h0, so this is grad_h0.
-        if (b < p.rows_next) p.grad_h[at] = grad_h;
+        // (grad_h of a row live at neither step is not read: with a projection it is
+        // never written.)
+        if (b < p.rows_next) p.grad_h[at] = th.acc[m][u];
         if (p.grad_gates) {
           acc_t* dg = p.grad_gates + b * 4 * H + j;
           dg[0] = dg[H] = dg[2 * H] = dg[3 * H] = acc_t(0);
         }
         return;
       }
+      const acc_t grad_h = b < p.rows_next ? th.acc[m][u] : p.grad_h[at];
       const acc_t* g = p.gates + b * 4 * H + j;
       const UnitGates<acc_t> gates{g[0], g[H], g[2 * H], g[3 * H]};
       const UnitGates<acc_t> grad = cell_backward(
