@@ -337,17 +337,29 @@ struct PersistentProgram {
 
   // The activations of rows [n0, n0 + chunk_rows) over columns [k0, k0 + length), in the
   // input's dtype; zero for rows outside the group and wherever the step has none.
-  // Warps take rows, lanes consecutive columns.
+  // Consecutive threads take consecutive columns. Each thread loads kStagedLoads values
+  // before it stores any: the loads come from L2, and issued together they wait for it
+  // once rather than once each.
+  static constexpr int kStagedLoads = 8;
+
   C10_HOST_DEVICE static void stage(unsigned char* shared, const Step& p, const PersistentPlan& plan,
                                     int64_t n0, int64_t group_end, int64_t k0, int64_t length,
                                     int tid) {
     scalar_t* a = activations(shared, plan);
-    const int rows = static_cast<int>(plan.chunk_rows()), columns = static_cast<int>(length);
-    for (int n = tid / 32; n < rows; n += kPersistentWarps) {
-      const int64_t b = n0 + n;
-      for (int k = tid % 32; k < columns; k += 32) {
-        a[n * plan.activation_stride + k] =
-            static_cast<scalar_t>(b < group_end ? p.activation(b, k0 + k) : acc_t(0));
+    const int columns = static_cast<int>(length);
+    const int count = static_cast<int>(plan.chunk_rows()) * columns;
+    for (int first = tid; first < count; first += kPersistentThreads * kStagedLoads) {
+      acc_t values[kStagedLoads];
+      FUSED_LSTM_UNROLL
+      for (int i = 0; i < kStagedLoads; ++i) {
+        const int e = first + i * kPersistentThreads;
+        const int64_t b = n0 + e / columns;
+        values[i] = e < count && b < group_end ? p.activation(b, k0 + e % columns) : acc_t(0);
+      }
+      FUSED_LSTM_UNROLL
+      for (int i = 0; i < kStagedLoads; ++i) {
+        const int e = first + i * kPersistentThreads;
+        if (e < count) a[e / columns * plan.activation_stride + e % columns] = static_cast<scalar_t>(values[i]);
       }
     }
   }
