@@ -40,7 +40,8 @@ def plan(H, B, dtype, backward, device):
 
 # Every (shape, device, dtype) where both directions fit.
 CASES = [(shape, device, dtype) for shape in SHAPES for device in DEVICES for dtype in BOUND
-         if plan(shape[3], shape[1], dtype, False, device) and plan(shape[3], shape[1], dtype, True, device)]
+         if all(plan(shape[3], shape[1], dtype, backward_pass, device)
+                for backward_pass in (False, True))]
 
 
 def assert_close(a, b, bound):
@@ -95,9 +96,11 @@ def test_cases_cover_the_geometry():
     }
     for tensor_cores in (False, True):
         for backward_pass in (False, True):
-            plans = [(plan(H, B, dtype, backward_pass, device), H) for (T, B, I, H), device, dtype in CASES
+            plans = [(plan(shape[3], shape[1], dtype, backward_pass, device), shape[3])
+                     for shape, device, dtype in CASES
                      if (dtype in (torch.bfloat16, torch.float16)) == tensor_cores]
-            missing = [name for name, has in features.items() if not any(has(p, H) for p, H in plans)]
+            missing = [name for name, has in features.items()
+                       if not any(has(p, H) for p, H in plans)]
             assert not missing, (tensor_cores, backward_pass, missing)
 
 
@@ -130,7 +133,8 @@ def test_backward_with_some_gradients_undefined(which):
     args = make_args(5, 4, 3, 6)
     batch_sizes = torch.tensor([4, 3, 3, 1, 1])
     out = forward(*args, batch_sizes, True)[0]
-    grads = [torch.randn_like(out), torch.randn(4, 6, dtype=out.dtype), torch.randn(4, 6, dtype=out.dtype)]
+    grads = [torch.randn_like(out), torch.randn(4, 6, dtype=out.dtype),
+             torch.randn(4, 6, dtype=out.dtype)]
     if which < 3:
         grads[which] = None
     else:
@@ -144,7 +148,8 @@ def test_dead_rows_are_zero():
     args = make_args(5, 3, 2, 4)
     batch_sizes = torch.tensor([3, 3, 2, 1, 1])
     for reverse in (False, True):
-        out, h_n, c_n, gates, cells = persistent_forward(*args, batch_sizes, reverse, *DEVICES["h100"])
+        out, h_n, c_n, gates, cells = persistent_forward(*args, batch_sizes, reverse,
+                                                         *DEVICES["h100"])
         for t, n in enumerate(batch_sizes.tolist()):
             assert out[t, n:].eq(0).all() and gates[t, n:].eq(0).all() and cells[t, n:].eq(0).all()
             assert out[t, :n].ne(0).all()
@@ -172,7 +177,8 @@ def test_non_contiguous_inputs_and_empty_batch():
     ours = persistent_forward(*strided, None, False, *DEVICES["h100"])
     for a, b in zip(ours, forward(*args, None, False)):
         assert max_error(a, b) < 1e-12
-    out, h_n, c_n, gates, cells = persistent_forward(*make_args(3, 0, 2, 4), None, False, *DEVICES["h100"])
+    out, h_n, _, gates, _ = persistent_forward(*make_args(3, 0, 2, 4), None, False,
+                                               *DEVICES["h100"])
     assert out.shape == (3, 0, 4) and h_n.shape == (0, 4) and gates.shape == (3, 0, 16)
 
 
@@ -180,7 +186,8 @@ def test_a_layer_that_does_not_fit_is_an_error():
     """w_hh of 4·H·H float64 values does not fit in 5 SMs of 16 KiB: the error names the
     sizes and the way out."""
     args = make_args(2, 3, 4, 70)
-    with pytest.raises(RuntimeError, match="does not fit a layer with hidden_size 70 and batch 3.*stepwise"):
+    message = "does not fit a layer with hidden_size 70 and batch 3.*stepwise"
+    with pytest.raises(RuntimeError, match=message):
         persistent_forward(*args, None, False, *DEVICES["small_shared"])
 
 

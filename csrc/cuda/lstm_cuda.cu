@@ -162,7 +162,8 @@ struct OnGpu {
     const auto plan = cache.plan<Program>(device, problem, limits);
     if (!plan) {
       if (path == CudaPath::persistent) {
-        persistent_does_not_fit(problem, limits.name, limits.multiprocessors, limits.max_shared_bytes);
+        persistent_does_not_fit(problem, limits.name, limits.multiprocessors,
+                                limits.max_shared_bytes);
       }
       return false;
     }

@@ -48,19 +48,27 @@ template <typename scalar_t>
 void emulate_mma(MmaThread* lanes) {
   float a[16][16], b[2][16][8];
   for (int lane = 0; lane < 32; ++lane) {
-    for (int r = 0; r < 4; ++r)
-      for (int e = 0; e < 2; ++e)
-        a[MmaLayout::a_row(lane, r)][MmaLayout::a_col(lane, r) + e] = half_of<scalar_t>(lanes[lane].a[r], e);
-    for (int j = 0; j < 2; ++j)
-      for (int r = 0; r < 2; ++r)
-        for (int e = 0; e < 2; ++e)
-          b[j][MmaLayout::b_k(lane, r) + e][MmaLayout::b_n(lane)] = half_of<scalar_t>(lanes[lane].b[j][r], e);
+    const MmaThread& th = lanes[lane];
+    for (int r = 0; r < 4; ++r) {
+      for (int e = 0; e < 2; ++e) {
+        a[MmaLayout::a_row(lane, r)][MmaLayout::a_col(lane, r) + e] = half_of<scalar_t>(th.a[r], e);
+      }
+    }
+    for (int j = 0; j < 2; ++j) {
+      for (int r = 0; r < 2; ++r) {
+        for (int e = 0; e < 2; ++e) {
+          const int k = MmaLayout::b_k(lane, r) + e;
+          b[j][k][MmaLayout::b_n(lane)] = half_of<scalar_t>(th.b[j][r], e);
+        }
+      }
+    }
   }
   for (int lane = 0; lane < 32; ++lane) {
     for (int j = 0; j < 2; ++j) {
       for (int r = 0; r < 4; ++r) {
         float& d = lanes[lane].acc[j][r];
-        for (int k = 0; k < 16; ++k) d += a[MmaLayout::d_row(lane, r)][k] * b[j][k][MmaLayout::d_col(lane, r)];
+        const int row = MmaLayout::d_row(lane, r), col = MmaLayout::d_col(lane, r);
+        for (int k = 0; k < 16; ++k) d += a[row][k] * b[j][k][col];
       }
     }
   }
@@ -76,7 +84,9 @@ struct EmulatedBlock {
   void sync() {}
   template <typename scalar_t>
   void warp_mma() {
-    for (size_t lane0 = 0; lane0 < threads.size(); lane0 += 32) emulate_mma<scalar_t>(&threads[lane0]);
+    for (size_t lane0 = 0; lane0 < threads.size(); lane0 += 32) {
+      emulate_mma<scalar_t>(&threads[lane0]);
+    }
   }
 };
 
@@ -182,7 +192,8 @@ BackwardResult emulated_backward(const std::optional<at::Tensor>& grad_output,
 
 EmulatedDevice emulated_device(int64_t multiprocessors, int64_t shared_memory) {
   TORCH_CHECK(multiprocessors > 0 && shared_memory > 0, "fused_lstm: the emulated device needs ",
-              "at least one SM and some shared memory, got ", multiprocessors, " and ", shared_memory);
+              "at least one SM and some shared memory, got ", multiprocessors, " and ",
+              shared_memory);
   return {multiprocessors, shared_memory};
 }
 

@@ -386,7 +386,8 @@ struct StepBlock {
     for (int e = tid; e < Tile::kDepth * kWeightRows; e += Tile::kThreads) {
       const int kd = Step::kDepthContiguous ? e % Tile::kDepth : e / kWeightRows;
       const int r = Step::kDepthContiguous ? e / Tile::kDepth : e % kWeightRows;
-      s.w[kd][r] = static_cast<acc_t>(p.weight(unit0 + r % Tile::kUnits, r / Tile::kUnits, k0 + kd));
+      const int64_t j = unit0 + r % Tile::kUnits;
+      s.w[kd][r] = static_cast<acc_t>(p.weight(j, r / Tile::kUnits, k0 + kd));
     }
   }
 

@@ -41,8 +41,10 @@ inline at::Tensor fresh_copy(const std::optional<at::Tensor>& t, at::IntArrayRef
 }
 
 // The error for a persistent kernel that was asked for but does not fit.
-[[noreturn]] inline void persistent_does_not_fit(const PersistentProblem& p, const std::string& device,
-                                                 int64_t multiprocessors, int64_t max_shared_bytes) {
+[[noreturn]] inline void persistent_does_not_fit(const PersistentProblem& p,
+                                                 const std::string& device,
+                                                 int64_t multiprocessors,
+                                                 int64_t max_shared_bytes) {
   TORCH_CHECK(false, "fused_lstm: FUSED_LSTM_CUDA_PATH=persistent, but the persistent kernel ",
               "does not fit a layer with hidden_size ", p.hidden_size, " and batch ", p.batch,
               " (", p.element_size, "-byte weights, recurrent depth ", p.depth, ") on ", device,

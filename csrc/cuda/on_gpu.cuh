@@ -51,7 +51,9 @@ struct ThisThread {
   __device__ void sync() { __syncthreads(); }
   template <typename scalar_t>
   __device__ void warp_mma() {
-    for (int half = 0; half < 2; ++half) mma_m16n8k16<scalar_t>(state.acc[half], state.a, state.b[half]);
+    for (int half = 0; half < 2; ++half) {
+      mma_m16n8k16<scalar_t>(state.acc[half], state.a, state.b[half]);
+    }
   }
 };
 

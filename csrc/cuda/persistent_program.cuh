@@ -145,8 +145,8 @@ inline std::optional<PersistentPlan> block_layout(const PersistentProblem& p, in
     plan.chunk_depth = std::min(plan.depth, columns / step * step);
     if (plan.chunk_depth < step) continue;
     plan.activation_stride = plan.chunk_depth + pad;
-    plan.partial_offset =
-        plan.activation_offset + round_up(plan.chunk_rows() * plan.activation_stride * p.element_size, 16);
+    const int64_t staging_bytes = plan.chunk_rows() * plan.activation_stride * p.element_size;
+    plan.partial_offset = plan.activation_offset + round_up(staging_bytes, 16);
     plan.shared_bytes = plan.partial_offset + partial_bytes;
     return plan;
   }
@@ -175,7 +175,8 @@ std::optional<PersistentPlan> plan_persistent(const PersistentProblem& p, int64_
   if (p.batch <= 0 || p.hidden_size <= 0 || multiprocessors <= 0) return std::nullopt;
   const int64_t granule = std::max<int64_t>(1, (p.tensor_cores ? kWarpTile : 4) / p.gates);
   const int64_t most = ceil_div(p.hidden_size, granule);  // in granules
-  const int64_t spread = std::min(most, ceil_div(ceil_div(p.hidden_size, multiprocessors), granule));
+  const int64_t spread =
+      std::min(most, ceil_div(ceil_div(p.hidden_size, multiprocessors), granule));
   for (int64_t candidate = 0; candidate < most; ++candidate) {
     const int64_t units =
         granule * (spread + candidate <= most ? spread + candidate : most - candidate);
@@ -342,9 +343,9 @@ struct PersistentProgram {
   // once rather than once each.
   static constexpr int kStagedLoads = 8;
 
-  C10_HOST_DEVICE static void stage(unsigned char* shared, const Step& p, const PersistentPlan& plan,
-                                    int64_t n0, int64_t group_end, int64_t k0, int64_t length,
-                                    int tid) {
+  C10_HOST_DEVICE static void stage(unsigned char* shared, const Step& p,
+                                    const PersistentPlan& plan, int64_t n0, int64_t group_end,
+                                    int64_t k0, int64_t length, int tid) {
     scalar_t* a = activations(shared, plan);
     const int columns = static_cast<int>(length);
     const int count = static_cast<int>(plan.chunk_rows()) * columns;
@@ -359,7 +360,9 @@ struct PersistentProgram {
       FUSED_LSTM_UNROLL
       for (int i = 0; i < kStagedLoads; ++i) {
         const int e = first + i * kPersistentThreads;
-        if (e < count) a[e / columns * plan.activation_stride + e % columns] = static_cast<scalar_t>(values[i]);
+        if (e < count) {
+          a[e / columns * plan.activation_stride + e % columns] = static_cast<scalar_t>(values[i]);
+        }
       }
     }
   }
@@ -372,7 +375,8 @@ struct PersistentProgram {
     const int steps = static_cast<int>(length / (kWarpTile * plan.splits));
     if constexpr (kTensorCores) {
       for (int i = 0; i < steps; ++i) {
-        block.for_each_thread([&](int tid, Thread& th) { load_fragments(shared, plan, k0, i, tid, th); });
+        block.for_each_thread(
+            [&](int tid, Thread& th) { load_fragments(shared, plan, k0, i, tid, th); });
         block.template warp_mma<scalar_t>();
       }
     } else {
@@ -433,7 +437,9 @@ struct PersistentProgram {
     for (int q = 0; q < 4; ++q) {
       w_row[q] = w + weight_row(plan, r.m0 + 4 * (lane / 8) + q) * plan.weight_stride + k0 + k;
     }
-    for (int n = 0; n < 2; ++n) a_row[n] = a + (r.n0 + 2 * (lane % 8) + n) * plan.activation_stride + k;
+    for (int n = 0; n < 2; ++n) {
+      a_row[n] = a + (r.n0 + 2 * (lane % 8) + n) * plan.activation_stride + k;
+    }
     constexpr int kWidth = Vector16<scalar_t>::kSize;
     FUSED_LSTM_UNROLL
     for (int kk = 0; kk < kWarpTile; kk += kWidth) {
@@ -456,11 +462,14 @@ struct PersistentProgram {
     if (!r.active) return;
     const int lane = tid % 32;
     acc_t* sums = partials(shared, plan) + r.split * plan.chunk_rows() * plan.partial_rows();
-    const auto put = [&](int64_t m, int64_t n, acc_t v) { sums[(r.n0 + n) * plan.partial_rows() + r.m0 + m] = v; };
+    const auto put = [&](int m, int n, acc_t v) {
+      sums[(r.n0 + n) * plan.partial_rows() + r.m0 + m] = v;
+    };
     if constexpr (kTensorCores) {
       for (int half = 0; half < 2; ++half)
         for (int reg = 0; reg < 4; ++reg)
-          put(MmaLayout::d_row(lane, reg), 8 * half + MmaLayout::d_col(lane, reg), th.acc[half][reg]);
+          put(MmaLayout::d_row(lane, reg), 8 * half + MmaLayout::d_col(lane, reg),
+              th.acc[half][reg]);
     } else {
       for (int q = 0; q < 4; ++q)
         for (int n = 0; n < 2; ++n) put(4 * (lane / 8) + q, 2 * (lane % 8) + n, th.acc[q][n]);
@@ -468,9 +477,9 @@ struct PersistentProgram {
   }
 
   // The cells of the chunk's (unit, row) pairs: consecutive threads take consecutive units.
-  C10_HOST_DEVICE static void epilogue(unsigned char* shared, const Step& p, const PersistentPlan& plan,
-                                       int64_t unit0, int64_t n0, int64_t group_end,
-                                       bool with_product, int tid) {
+  C10_HOST_DEVICE static void epilogue(unsigned char* shared, const Step& p,
+                                       const PersistentPlan& plan, int64_t unit0, int64_t n0,
+                                       int64_t group_end, bool with_product, int tid) {
     const acc_t* sums = partials(shared, plan);
     const int64_t slice = plan.chunk_rows() * plan.partial_rows();
     const int units = static_cast<int>(plan.units);
@@ -504,9 +513,10 @@ C10_HOST_DEVICE void run_persistent(Grid& grid, const typename Program::Sequence
   for (int64_t i = 0; i < seq.steps(); ++i) {
     if (i > 0) grid.sync();  // step i-1's outputs are complete before step i reads them
     const auto step = seq.step(i);
-    grid.for_each_block([&](auto& block, unsigned char* shared, int64_t unit_block, int64_t row_group) {
-      Program::run_step(block, shared, step, plan, unit_block, row_group);
-    });
+    grid.for_each_block(
+        [&](auto& block, unsigned char* shared, int64_t unit_block, int64_t row_group) {
+          Program::run_step(block, shared, step, plan, unit_block, row_group);
+        });
   }
 }
 
