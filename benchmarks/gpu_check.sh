@@ -1,15 +1,24 @@
 #!/usr/bin/env bash
-# On a machine with an NVIDIA GPU, in one command: build the extension with its CUDA
-# kernels, run the CUDA tests, then compute-sanitizer (memcheck, racecheck, synccheck,
-# initcheck) on a small case of the forward and backward ops.
+# On a machine with an NVIDIA GPU, in one command:
+# 1. build the extension with its CUDA kernels;
+# 2. the CUDA tests (each on both kernels of the recurrence: the persistent kernel and the
+#    step kernels) and the host-emulation tests;
+# 3. compute-sanitizer (memcheck, racecheck, synccheck, initcheck) on a small case of the
+#    forward and backward ops, once per kernel;
+# 4. the benchmark, python benchmarks/run.py --device cuda --graph, with the default rule
+#    and then forced onto the step kernels (FUSED_LSTM_CUDA_PATH=stepwise), into
+#    $OUT/bench/default/ and $OUT/bench/stepwise/.
 #
-#   bash benchmarks/gpu_check.sh          # PYTHON (default python) must have torch, pytest
+#   bash benchmarks/gpu_check.sh   # PYTHON (default python) must have torch, pytest, tqdm;
+#                                  # OUT (default gpu-check-out); BENCH_ARGS: more run.py options
 #
-# Prints the GPU, the versions, pytest's summary and each sanitizer's summary; exits
-# non-zero at the first failure.
+# Prints the GPU, the versions, pytest's summary, each sanitizer's summary, the benchmark
+# tables and the seconds each stage took; exits non-zero at the first failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
+OUT=${OUT:-gpu-check-out}
+start=$(date +%s)
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 "$PY" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, \
@@ -34,11 +43,13 @@ FUSED_LSTM_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} MAX_JOBS=$
 echo "build: ${SECONDS}s (arch $arch)"
 
 SECONDS=0
-"$PY" -m pytest -q -rs tests/test_cuda.py tests/test_cuda_emulated.py tests/test_op.py
+"$PY" -m pytest -q -rs tests/test_cuda.py tests/test_cuda_emulated.py \
+  tests/test_cuda_persistent_emulated.py tests/test_op.py
 echo "tests: ${SECONDS}s"
 
-# Both tiles (batch <= 64 and above), partial tiles, packed, reverse, projection, the
-# three kernel dtypes; forward and backward.
+# Both tiles of the step kernels (batch <= 64 and above), partial tiles, packed, reverse,
+# projection (always on the step kernels), tensor cores (float16) and FMAs (float32,
+# float64) in the persistent kernel; forward and backward.
 case_py='
 import torch, fused_lstm
 from test_op import make_args
@@ -55,20 +66,37 @@ print("case done")
 '
 sanitizer=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
 "$sanitizer" --version | tail -1
-for tool in memcheck racecheck synccheck initcheck; do
-  SECONDS=0
-  # memcheck sees every kernel (ours and the ATen ops around them), the others ours only;
-  # no caching allocator, so that an access past a tensor's end is past its allocation.
-  filter=()
-  [ "$tool" = memcheck ] || filter=(--kernel-name kns=step_kernel)
-  log=$(mktemp)
-  if ! PYTHONPATH=tests PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-      "$sanitizer" --tool "$tool" --error-exitcode 1 "${filter[@]}" "$PY" -c "$case_py" >"$log" 2>&1; then
-    head -100 "$log"
-    echo "$tool: FAILED"
-    exit 1
-  fi
-  tail -2 "$log"
-  echo "$tool: ${SECONDS}s"
-  rm -f "$log"
+for path in persistent stepwise; do
+  kernel=step_kernel
+  [ "$path" = persistent ] && kernel=persistent_kernel
+  for tool in memcheck racecheck synccheck initcheck; do
+    SECONDS=0
+    # memcheck sees every kernel (ours and the ATen ops around them), the others ours only;
+    # no caching allocator, so that an access past a tensor's end is past its allocation.
+    filter=()
+    [ "$tool" = memcheck ] || filter=(--kernel-name "kns=$kernel")
+    log=$(mktemp)
+    if ! FUSED_LSTM_CUDA_PATH=$path PYTHONPATH=tests PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+        "$sanitizer" --tool "$tool" --error-exitcode 1 "${filter[@]}" "$PY" -c "$case_py" >"$log" 2>&1; then
+      head -100 "$log"
+      echo "$path $tool: FAILED"
+      exit 1
+    fi
+    tail -2 "$log"
+    echo "$path $tool: ${SECONDS}s"
+    rm -f "$log"
+  done
 done
+
+# The benchmark with the default rule (what users get: the persistent kernel wherever it
+# fits), then forced onto the step kernels, for the comparison.
+for path in default stepwise; do
+  SECONDS=0
+  forced=()
+  [ "$path" = stepwise ] && forced=(FUSED_LSTM_CUDA_PATH=stepwise)
+  # shellcheck disable=SC2086  # BENCH_ARGS holds several options
+  env "${forced[@]}" "$PY" benchmarks/run.py --device cuda --graph --out "$OUT/bench/$path" \
+    ${BENCH_ARGS:-}
+  echo "benchmark, $path: ${SECONDS}s"
+done
+echo "gpu_check: $(( $(date +%s) - start ))s in all"

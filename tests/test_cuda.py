@@ -1,6 +1,8 @@
 """The CUDA op and FusedLSTM on the GPU: against the float64 reference, against nn.LSTM
 (cuDNN, TF32 off) sharing one state_dict, odd shapes, gradcheck, CUDA graphs, a second
-GPU. Every test needs a CUDA device (skipped without one, tests/conftest.py).
+GPU; each on both kernels of the recurrence (persistent and step by step, forced with
+FUSED_LSTM_CUDA_PATH). Every test needs a CUDA device (skipped without one,
+tests/conftest.py).
 
 Tolerance (DESIGN.md): in float32, bfloat16 and float16 our error against float64 is at
 most about twice the error nn.LSTM makes at the same dtype on the same inputs."""
@@ -22,6 +24,27 @@ forward = torch.ops.fused_lstm.forward
 backward = torch.ops.fused_lstm.backward
 LOW = [torch.float32, torch.bfloat16, torch.float16]
 DTYPES = [torch.float64, *LOW]
+
+
+@pytest.fixture(params=["persistent", "stepwise"])
+def cuda_path(request, monkeypatch):
+    """Runs a test on both kernels of the recurrence (csrc/cuda/lstm_cuda.cu), forced, so
+    that each is tested whichever the default rule picks for the shapes at hand."""
+    monkeypatch.setenv("FUSED_LSTM_CUDA_PATH", request.param)
+    return request.param
+
+
+def run_on_path(cuda_path, monkeypatch, run):
+    """run() on the forced path. Where the persistent kernel does not fit this GPU, forcing
+    it must fail with the documented error, and the default rule must then run the layer
+    (on the step kernels)."""
+    try:
+        return run()
+    except RuntimeError as error:
+        if cuda_path != "persistent" or "does not fit" not in str(error):
+            raise
+    monkeypatch.delenv("FUSED_LSTM_CUDA_PATH")
+    return run()
 
 
 @pytest.fixture(autouse=True)
@@ -46,13 +69,8 @@ OP_SHAPES = [(1, 1, 1, 1, None), (7, 3, 5, 33, None), (5, 70, 4, 40, None), (6, 
 OP_BOUND = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}
 
 
-@pytest.mark.parametrize("T,B,I,H,P", OP_SHAPES)
-@pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("packed", [False, True])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_op_matches_float64_reference(T, B, I, H, P, reverse, packed, dtype):
-    args = make_args(T, B, I, H, P, dtype=dtype, device="cuda", scale=0.5)
-    batch_sizes = random_batch_sizes(T, B) if packed else None
+def assert_op_matches_float64_reference(args, batch_sizes, reverse, dtype):
+    """Forward and backward of the op against the float64 reference loop."""
     out, h_n, c_n, gates, cells = forward(*args, batch_sizes, reverse)
     assert out.device.type == "cuda" and out.dtype == dtype
     assert gates.dtype == cells.dtype == fused_lstm._ops.accumulate_dtype(dtype)
@@ -68,6 +86,32 @@ def test_op_matches_float64_reference(T, B, I, H, P, reverse, packed, dtype):
     for i, e in zip(used, expected):
         assert grads[i].dtype == dtype
         assert max_error(grads[i], e) <= OP_BOUND[dtype] * max(1.0, e.abs().max().item())
+
+
+@pytest.mark.parametrize("T,B,I,H,P", OP_SHAPES)
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_op_matches_float64_reference(T, B, I, H, P, reverse, packed, dtype, cuda_path):
+    args = make_args(T, B, I, H, P, dtype=dtype, device="cuda", scale=0.5)
+    batch_sizes = random_batch_sizes(T, B) if packed else None
+    assert_op_matches_float64_reference(args, batch_sizes, reverse, dtype)
+
+
+# The benchmark's layers (benchmarks/run.py), three steps each: the geometries the
+# persistent kernel gets there (several weight tiles, row groups, depth staged in chunks).
+BENCHMARK_LAYERS = {"seed": (3, 32, 28, 256), "b1": (3, 1, 256, 256), "mid": (3, 64, 512, 512),
+                    "long": (3, 16, 768, 768), "large": (3, 256, 1024, 1024)}
+
+
+@pytest.mark.parametrize("name", BENCHMARK_LAYERS)
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_benchmark_layers_match_float64_reference(name, dtype, cuda_path):
+    """Packed and reversed, weights at nn.LSTM's scale (1/sqrt(H)) so that the gates do not
+    saturate."""
+    T, B, I, H = BENCHMARK_LAYERS[name]
+    args = make_args(T, B, I, H, dtype=dtype, device="cuda", scale=H ** -0.5)
+    assert_op_matches_float64_reference(args, random_batch_sizes(T, B), True, dtype)
 
 
 # ------------------------------------------------------------- FusedLSTM against nn.LSTM
@@ -150,7 +194,7 @@ def assert_like_nn_lstm(lstm, fused, ref, leaves, arguments, dtype):
 @pytest.mark.parametrize("kind", INPUTS)
 @pytest.mark.parametrize("with_state", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_matches_nn_lstm(kwargs, kind, with_state, dtype):
+def test_matches_nn_lstm(kwargs, kind, with_state, dtype, cuda_path):
     lstm, fused, ref = models(dtype, 6, 20, **kwargs)
     leaves, arguments = make_inputs(kind, 9, 5, 6, lstm, with_state, dtype)
     assert_like_nn_lstm(lstm, fused, ref, leaves, arguments, dtype)
@@ -162,10 +206,11 @@ def test_matches_nn_lstm(kwargs, kind, with_state, dtype):
     (1, 1024, 1, dict(num_layers=2)),
 ], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_odd_shapes_match_nn_lstm(T, B, H, kwargs, dtype):
+def test_odd_shapes_match_nn_lstm(T, B, H, kwargs, dtype, cuda_path, monkeypatch):
     lstm, fused, ref = models(dtype, 16, H, **kwargs)
     leaves, arguments = make_inputs("padded", T, B, 16, lstm, True, dtype)
-    assert_like_nn_lstm(lstm, fused, ref, leaves, arguments, dtype)
+    run_on_path(cuda_path, monkeypatch,
+                lambda: assert_like_nn_lstm(lstm, fused, ref, leaves, arguments, dtype))
 
 
 # ------------------------------------------------------------------ gradients, opcheck
@@ -173,7 +218,7 @@ def test_odd_shapes_match_nn_lstm(T, B, H, kwargs, dtype):
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("P", [None, 2])
-def test_gradcheck(packed, reverse, P):
+def test_gradcheck(packed, reverse, P, cuda_path):
     args = [a.requires_grad_() if a is not None else None
             for a in make_args(4, 3, 2, 3, P, device="cuda")]
     batch_sizes = torch.tensor([3, 2, 2, 1]) if packed else None
@@ -181,14 +226,14 @@ def test_gradcheck(packed, reverse, P):
     assert torch.autograd.gradcheck(f, args)
 
 
-def test_gradgradcheck():
+def test_gradgradcheck(cuda_path):
     args = [a.requires_grad_() for a in make_args(3, 2, 2, 3, device="cuda") if a is not None]
     f = lambda *a: forward(*a, None, torch.tensor([2, 2, 1]), True)[:3]  # noqa: E731
     assert torch.autograd.gradgradcheck(f, args)
 
 
 @pytest.mark.parametrize("packed", [False, True])
-def test_opcheck(packed):
+def test_opcheck(packed, cuda_path):
     args = make_args(4, 3, 2, 5, P=3, dtype=torch.float32, device="cuda")
     batch_sizes = torch.tensor([3, 3, 2, 1]) if packed else None
     torch.library.opcheck(forward, (*args, batch_sizes, True))
@@ -197,7 +242,7 @@ def test_opcheck(packed):
     torch.library.opcheck(backward, (*grads, *args[:5], args[6], batch_sizes, True, out, gates, cells))
 
 
-def test_backward_in_eval_mode_and_non_contiguous_state():
+def test_backward_in_eval_mode_and_non_contiguous_state(cuda_path):
     """Where cuDNN refuses ("cudnn RNN backward can only be called in training mode",
     "rnn: hx is not contiguous"), FusedLSTM runs, with the gradients of train mode."""
     fused = FusedLSTM(4, 8, num_layers=2, device="cuda").eval()
@@ -230,10 +275,11 @@ def test_batch_sizes_on_the_gpu_raise():
 
 # ------------------------------------------------------------- CUDA graphs, several GPUs
 
-def test_cuda_graph_capture_and_replay_forward_and_backward():
-    model = FusedLSTM(8, 33, num_layers=2, bidirectional=True, proj_size=5, device="cuda")
+@pytest.mark.parametrize("proj_size", [0, 5])
+def test_cuda_graph_capture_and_replay_forward_and_backward(proj_size, cuda_path):
+    model = FusedLSTM(8, 33, num_layers=2, bidirectional=True, proj_size=proj_size, device="cuda")
     static_x = torch.randn(10, 70, 8, device="cuda")
-    weight = torch.randn(10, 70, 10, device="cuda")
+    weight = torch.randn(10, 70, 2 * (proj_size or 33), device="cuda")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm up outside the graph: allocator, cuBLAS handles
@@ -257,7 +303,7 @@ def test_cuda_graph_capture_and_replay_forward_and_backward():
             assert max_error(p.grad, e) <= 1e-5 * max(1.0, e.abs().max().item())
 
 
-def test_cuda_graph_capture_of_the_packed_reverse_op():
+def test_cuda_graph_capture_of_the_packed_reverse_op(cuda_path):
     args = make_args(6, 5, 3, 40, dtype=torch.float32, device="cuda")
     batch_sizes = torch.tensor([5, 4, 4, 2, 1, 1])
     forward(*args, batch_sizes, True)  # warm up
@@ -272,7 +318,7 @@ def test_cuda_graph_capture_of_the_packed_reverse_op():
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
-def test_runs_on_the_device_of_its_tensors():
+def test_runs_on_the_device_of_its_tensors(cuda_path):
     """Tensors on cuda:1 with cuda:0 current: computed on cuda:1, same results as on cuda:0."""
     torch.cuda.set_device(0)
     args0 = make_args(5, 4, 3, 40, P=7, dtype=torch.float32, device="cuda:0")
@@ -294,3 +340,59 @@ def test_runs_on_the_device_of_its_tensors():
     out, (h_n, c_n) = fused(torch.randn(4, 2, 3, device="cuda:1"))
     out.sum().backward()
     assert out.device == fused.weight_hh_l0.grad.device == torch.device("cuda:1")
+
+
+# ------------------------------------------------------------------- the choice of kernel
+
+def kernels_run(run):
+    """The names of the CUDA kernels that run() launches, as the profiler records them."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        run()
+        torch.cuda.synchronize()
+    return [event.key for event in profile.key_averages()]
+
+
+def launches(names, kernel):
+    return any(kernel in name for name in names)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_default_rule_runs_the_persistent_kernel_where_it_fits(dtype, monkeypatch):
+    """The seed's layer fits any GPU with cooperative launches: by default, forward and
+    backward run on the persistent kernel; forced stepwise, and with a projection, on the
+    step kernels."""
+    monkeypatch.delenv("FUSED_LSTM_CUDA_PATH", raising=False)
+    args = make_args(35, 32, 28, 256, dtype=dtype, device="cuda", scale=0.1)
+
+    def forward_and_backward():
+        out, h_n, c_n, gates, cells = forward(*args, None, False)
+        backward(out, h_n, c_n, *args[:5], None, None, False, out, gates, cells)
+
+    names = kernels_run(forward_and_backward)
+    assert launches(names, "persistent_kernel") and not launches(names, "step_kernel"), names
+    monkeypatch.setenv("FUSED_LSTM_CUDA_PATH", "stepwise")
+    names = kernels_run(forward_and_backward)
+    assert launches(names, "step_kernel") and not launches(names, "persistent_kernel"), names
+    monkeypatch.delenv("FUSED_LSTM_CUDA_PATH")
+    projected = make_args(5, 4, 3, 8, P=2, dtype=dtype, device="cuda")
+    names = kernels_run(lambda: forward(*projected, None, False))
+    assert launches(names, "step_kernel") and not launches(names, "persistent_kernel"), names
+
+
+def test_forcing_persistent_where_it_does_not_fit_raises(monkeypatch):
+    """float64 w_hh of a layer with H = 2048 is 128 MiB: more than the shared memory of any
+    GPU. Forced, a clear error; by default, the step kernels run it."""
+    args = make_args(1, 2, 3, 2048, device="cuda")
+    monkeypatch.setenv("FUSED_LSTM_CUDA_PATH", "persistent")
+    with pytest.raises(RuntimeError, match="does not fit a layer with hidden_size 2048 and "):
+        forward(*args, None, False)
+    monkeypatch.delenv("FUSED_LSTM_CUDA_PATH")
+    out = forward(*args, None, False)[0]
+    ref = reference.lstm_layer(*[None if a is None else a.double() for a in args])[0]
+    assert max_error(out, ref) <= 1e-12 * max(1.0, ref.abs().max().item())
+
+
+def test_unknown_path_is_refused(monkeypatch):
+    monkeypatch.setenv("FUSED_LSTM_CUDA_PATH", "fastest")
+    with pytest.raises(RuntimeError, match="must be persistent or stepwise"):
+        forward(*make_args(2, 2, 2, 2, device="cuda"), None, False)

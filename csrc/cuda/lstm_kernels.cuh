@@ -3,14 +3,21 @@
 // that lstm_emulated.cpp can run the very same code for every (block, thread) of a launch
 // on a machine without a GPU. No ATen here.
 //
+// A time step is described by a ForwardStep or a BackwardStep: the pointers of that step,
+// which rows are live, and per element what the step multiplies (`activation`, `weight`)
+// and what it does with the product (`update`: the cell and its writes). Both kernels use
+// them: the step kernels below (stage A, one launch per step) and the persistent kernel
+// (persistent_program.cuh, one launch for the whole sequence). A ForwardSequence or
+// BackwardSequence gives the step of each processing index, on the host or the device.
+//
 // A block program is a sequence of phases separated by barriers; `Block` runs one phase
 // for its threads (on the GPU: this thread; on the host: each thread in turn) and
 // `Block::sync()` is the barrier (__syncthreads() on the GPU). Each thread keeps its
 // registers in a `Thread` state and the block shares one `Shared`.
 //
-// Tiling (both directions): block (x, y) owns batch rows [x·kRows, (x+1)·kRows) and hidden
-// units [y·kUnits, (y+1)·kUnits); each thread owns kThreadRows × kThreadUnits of those
-// (row, unit) pairs, strided so that neighbouring threads own neighbouring units. The
+// Step kernel tiling (both directions): block (x, y) owns batch rows [x·kRows, (x+1)·kRows)
+// and hidden units [y·kUnits, (y+1)·kUnits); each thread owns kThreadRows × kThreadUnits of
+// those (row, unit) pairs, strided so that neighbouring threads own neighbouring units. The
 // recurrent product is accumulated over kDepth-wide slices staged in shared memory, with
 // one barrier after each load and one after each use. All arithmetic is in acc_t (FP32
 // FMAs for float, bfloat16 and float16, never TF32; FP64 for double); weights are read in
@@ -75,12 +82,15 @@ struct StepRows {
   int64_t rows_next;  // rows live at step s+1 (0 at the last step): the others end at step s
 };
 
-inline StepRows step_rows(int64_t s, int64_t T, bool reverse, const int64_t* live) {
+// The rows of processing step s. `live` holds the live rows of each time index (from
+// batch_sizes); null means all `batch` rows at every step.
+C10_HOST_DEVICE inline StepRows step_rows(int64_t s, int64_t T, bool reverse, const int64_t* live,
+                                          int64_t batch) {
   const auto time = [&](int64_t k) { return reverse ? T - 1 - k : k; };
-  const int64_t t = time(s);
-  const int64_t t_prev = s > 0 ? time(s - 1) : t;
-  const int64_t carried = s > 0 ? (live[t] < live[t_prev] ? live[t] : live[t_prev]) : 0;
-  return {t, t_prev, live[t], carried, s + 1 < T ? live[time(s + 1)] : 0};
+  const auto live_at = [&](int64_t k) { return live ? live[time(k)] : batch; };
+  const int64_t rows = live_at(s);
+  const int64_t carried = s > 0 ? (rows < live_at(s - 1) ? rows : live_at(s - 1)) : 0;
+  return {time(s), s > 0 ? time(s - 1) : time(s), rows, carried, s + 1 < T ? live_at(s + 1) : 0};
 }
 
 C10_HOST_DEVICE inline float exp_of(float x) { return ::expf(x); }
@@ -125,32 +135,18 @@ C10_HOST_DEVICE inline UnitGates<acc_t> cell_backward(const UnitGates<acc_t>& ga
           grad_h * tanh_c * gates.o * (one - gates.o)};
 }
 
-// The work of one block of a step kernel (Program: ForwardBlock or BackwardBlock) on
-// rows [row0, row0 + kRows) and units [unit0, unit0 + kUnits): the recurrent product in
-// kDepth slices, each staged in shared memory between two barriers, then the cell.
-template <typename Program, typename Tile, typename Block>
-C10_HOST_DEVICE void run_block(Block& block, typename Program::Shared& s,
-                               const typename Program::Step& p, int64_t row0, int64_t unit0) {
-  using Thread = typename Program::Thread;
-  block.for_each_thread([&](int, Thread& th) { Program::clear(th); });
-  const int64_t depth = Program::depth(p);
-  for (int64_t k0 = 0; k0 < depth; k0 += Tile::kDepth) {
-    block.for_each_thread([&](int tid, Thread&) { Program::load(s, p, row0, unit0, k0, tid); });
-    block.sync();
-    block.for_each_thread([&](int tid, Thread& th) { Program::multiply(s, tid, th); });
-    block.sync();
-  }
-  block.for_each_thread([&](int tid, Thread& th) { Program::finish(p, row0, unit0, tid, th); });
-}
-
-template <typename Tile, typename scalar_t, typename acc_t>
-struct ForwardBlock;
-template <typename Tile, typename scalar_t, typename acc_t>
-struct BackwardBlock;
-
 // One forward step. Row-major [B, ·] slices of step t; acc_t unless said otherwise.
-template <typename scalar_t, typename acc_t>
+//
+// The recurrent product of row b and unit j has kGates = 4 values, one per gate q:
+// sum over k < depth() of activation(b, k) · weight(j, q, k), i.e. h_{t-1}·w_hhᵀ.
+template <typename scalar_t_, typename acc_t_>
 struct ForwardStep {
+  using scalar_t = scalar_t_;
+  using acc_t = acc_t_;
+  static constexpr int kGates = 4;
+  // A weight row (gate q of unit j) is contiguous in w_hh along the depth.
+  static constexpr bool kDepthContiguous = true;
+
   const scalar_t* w_hh;     // [4H, P], the input's dtype
   const acc_t* h_carried;   // [B, P]: h of step s-1, read for rows < carried
   const acc_t* h_initial;   // [B, P]: h0, read for the other live rows
@@ -164,101 +160,67 @@ struct ForwardStep {
   int64_t batch, hidden_size, output_size;  // B, H, P
   int64_t rows, carried, rows_next;         // see StepRows
 
-  template <typename Tile>
-  using Program = ForwardBlock<Tile, scalar_t, acc_t>;
-};
+  // The length of the recurrent product (over the P columns of h_{t-1}), and the rows it
+  // is needed for.
+  C10_HOST_DEVICE int64_t depth() const { return output_size; }
+  C10_HOST_DEVICE int64_t product_rows() const { return rows; }
 
-// Forward step, one block: gates of its (row, unit) tile = the pre-activations already in
-// `gates` + h_{t-1}·w_hhᵀ over the four gate rows of each unit, then the cell update in
-// registers. Rows that are not live get zero gates, cells and hidden.
-template <typename Tile, typename scalar_t, typename acc_t>
-struct ForwardBlock {
-  struct Shared {
-    acc_t h[Tile::kDepth][Tile::kRows + 1];         // h_{t-1}[rows, k-slice], transposed
-    acc_t w[Tile::kDepth][4 * Tile::kUnits + 1];    // w_hh[4 gate rows × units, k-slice], transposed
-  };
-  struct Thread {
-    acc_t acc[Tile::kThreadRows][Tile::kThreadUnits][4];
-  };
-  using Step = ForwardStep<scalar_t, acc_t>;
-
-  // The length of the recurrent product: over the P columns of h_{t-1}.
-  C10_HOST_DEVICE static int64_t depth(const Step& p) { return p.output_size; }
-
-  C10_HOST_DEVICE static void clear(Thread& th) {
-    for (int m = 0; m < Tile::kThreadRows; ++m)
-      for (int u = 0; u < Tile::kThreadUnits; ++u)
-        for (int q = 0; q < 4; ++q) th.acc[m][u][q] = acc_t(0);
+  // h_{t-1}[b, k]: zero where b is not live or k is outside [0, P).
+  C10_HOST_DEVICE acc_t activation(int64_t b, int64_t k) const {
+    if (b >= rows || k >= output_size) return acc_t(0);
+    return (b < carried ? h_carried : h_initial)[b * output_size + k];
   }
 
-  // Stages h_{t-1}[row0.., k0..] and w_hh[q·H + unit0.., k0..]; zeros outside the
-  // matrices and for rows that are not live. Consecutive threads read consecutive k.
-  C10_HOST_DEVICE static void load(Shared& s, const Step& p, int64_t row0, int64_t unit0,
-                                   int64_t k0, int tid) {
-    const int64_t H = p.hidden_size, P = p.output_size;
-    for (int e = tid; e < Tile::kDepth * Tile::kRows; e += Tile::kThreads) {
-      const int kd = e % Tile::kDepth, m = e / Tile::kDepth;
-      const int64_t b = row0 + m, k = k0 + kd;
-      acc_t v(0);
-      if (b < p.rows && k < P) v = (b < p.carried ? p.h_carried : p.h_initial)[b * P + k];
-      s.h[kd][m] = v;
-    }
-    for (int e = tid; e < Tile::kDepth * 4 * Tile::kUnits; e += Tile::kThreads) {
-      const int kd = e % Tile::kDepth, r = e / Tile::kDepth;
-      const int64_t j = unit0 + r % Tile::kUnits, k = k0 + kd;
-      const int q = r / Tile::kUnits;
-      s.w[kd][r] = (j < H && k < P) ? static_cast<acc_t>(p.w_hh[(q * H + j) * P + k]) : acc_t(0);
-    }
+  // w_hh[q·H + j, k]: zero outside the matrix.
+  C10_HOST_DEVICE scalar_t weight(int64_t j, int q, int64_t k) const {
+    if (j >= hidden_size || k >= output_size) return scalar_t(0);
+    return w_hh[(q * hidden_size + j) * output_size + k];
   }
 
-  C10_HOST_DEVICE static void multiply(const Shared& s, int tid, Thread& th) {
-    FUSED_LSTM_UNROLL
-    for (int kd = 0; kd < Tile::kDepth; ++kd) {
-      FUSED_LSTM_UNROLL
-      for (int m = 0; m < Tile::kThreadRows; ++m) {
-        const acc_t h = s.h[kd][Tile::row(tid, m)];
-        FUSED_LSTM_UNROLL
-        for (int u = 0; u < Tile::kThreadUnits; ++u)
-          FUSED_LSTM_UNROLL
-          for (int q = 0; q < 4; ++q)
-            th.acc[m][u][q] += h * s.w[kd][q * Tile::kUnits + Tile::unit(tid, u)];
-      }
+  // The cell of row b, unit j, given its recurrent product: gates from the
+  // pre-activations already in `gates` plus the product, then c_t and h_t, written out
+  // (and into h_n, c_n where the row ends). A row that is not live gets zero gates,
+  // cells and hidden; its product is not read.
+  C10_HOST_DEVICE void update(int64_t b, int64_t j, const acc_t* product) const {
+    const int64_t H = hidden_size;
+    acc_t* g = gates + b * 4 * H + j;
+    const int64_t at = b * H + j;
+    if (b >= rows) {
+      g[0] = g[H] = g[2 * H] = g[3 * H] = acc_t(0);
+      cells[at] = hidden[at] = acc_t(0);
+      return;
     }
-  }
-
-  C10_HOST_DEVICE static void finish(const Step& p, int64_t row0, int64_t unit0, int tid, Thread& th) {
-    const int64_t H = p.hidden_size;
-    Tile::for_each_pair(tid, row0, unit0, p.batch, H, [&](int m, int u, int64_t b, int64_t j) {
-      acc_t* g = p.gates + b * 4 * H + j;
-      const int64_t at = b * H + j;
-      if (b >= p.rows) {
-        g[0] = g[H] = g[2 * H] = g[3 * H] = acc_t(0);
-        p.cells[at] = p.hidden[at] = acc_t(0);
-        return;
-      }
-      UnitGates<acc_t> gates{g[0] + th.acc[m][u][0], g[H] + th.acc[m][u][1],
-                             g[2 * H] + th.acc[m][u][2], g[3 * H] + th.acc[m][u][3]};
-      acc_t c, h;
-      cell_forward(gates, (b < p.carried ? p.c_carried : p.c_initial)[at], c, h);
-      g[0] = gates.i;
-      g[H] = gates.f;
-      g[2 * H] = gates.g;
-      g[3 * H] = gates.o;
-      p.cells[at] = c;
-      p.hidden[at] = h;
-      if (b >= p.rows_next) {
-        p.c_n[at] = c;
-        if (p.h_n) p.h_n[at] = h;
-      }
-    });
+    UnitGates<acc_t> unit{g[0] + product[0], g[H] + product[1], g[2 * H] + product[2],
+                          g[3 * H] + product[3]};
+    acc_t c, h;
+    cell_forward(unit, (b < carried ? c_carried : c_initial)[at], c, h);
+    g[0] = unit.i;
+    g[H] = unit.f;
+    g[2 * H] = unit.g;
+    g[3 * H] = unit.o;
+    cells[at] = c;
+    hidden[at] = h;
+    if (b >= rows_next) {
+      c_n[at] = c;
+      if (h_n) h_n[at] = h;
+    }
   }
 };
 
 // One backward step (steps in reverse processing order). The gradient of h reaching
 // step s is the recurrent one, grad_gates of step s+1 times w_hh, for the rows live at
 // s+1, and the carried `grad_h` for the others.
-template <typename scalar_t, typename acc_t>
+//
+// The recurrent product of row b and unit j is one value (kGates = 1): the sum over
+// k < depth() of activation(b, k) · weight(j, 0, k), i.e. grad_gates_{s+1}·w_hh.
+template <typename scalar_t_, typename acc_t_>
 struct BackwardStep {
+  using scalar_t = scalar_t_;
+  using acc_t = acc_t_;
+  static constexpr int kGates = 1;
+  // A weight row (the column of unit j) is strided in w_hh: contiguous along the units.
+  static constexpr bool kDepthContiguous = false;
+
   const scalar_t* w_hh;            // [4H, H], the input's dtype; unused without grad_gates_next
   const acc_t* grad_gates_next;    // [B, 4H]: grad_gates of step s+1, or null (none, or w_hr)
   const acc_t* grad_output;        // [B, H]: at step t, or null
@@ -273,47 +235,161 @@ struct BackwardStep {
   int64_t batch, hidden_size;      // B, H
   int64_t rows, carried, rows_next;  // see StepRows; rows = 0 for the last launch
 
-  template <typename Tile>
-  using Program = BackwardBlock<Tile, scalar_t, acc_t>;
+  // The length of the recurrent product (over the 4H gate rows; none without
+  // grad_gates_next), and the rows it is needed for.
+  C10_HOST_DEVICE int64_t depth() const { return grad_gates_next ? 4 * hidden_size : 0; }
+  C10_HOST_DEVICE int64_t product_rows() const { return grad_gates_next ? rows_next : 0; }
+
+  // grad_gates_{s+1}[b, k]: zero for rows not live at s+1 and outside the matrix.
+  C10_HOST_DEVICE acc_t activation(int64_t b, int64_t k) const {
+    if (b >= product_rows() || k >= 4 * hidden_size) return acc_t(0);
+    return grad_gates_next[b * 4 * hidden_size + k];
+  }
+
+  // w_hh[k, j]: zero outside the matrix.
+  C10_HOST_DEVICE scalar_t weight(int64_t j, int, int64_t k) const {
+    if (j >= hidden_size || k >= 4 * hidden_size) return scalar_t(0);
+    return w_hh[k * hidden_size + j];
+  }
+
+  // The cell's gradient of row b, unit j, given the recurrent product (read only for the
+  // rows live at s+1).
+  C10_HOST_DEVICE void update(int64_t b, int64_t j, const acc_t* product) const {
+    const int64_t H = hidden_size;
+    const int64_t at = b * H + j;
+    if (b >= rows) {
+      // Not live at s: a row live at s+1 started there from h0, so this is grad_h0.
+      // (grad_h of a row live at neither step is not read: with a projection it is never
+      // written.)
+      if (b < rows_next) grad_h[at] = product[0];
+      if (grad_gates) {
+        acc_t* dg = grad_gates + b * 4 * H + j;
+        dg[0] = dg[H] = dg[2 * H] = dg[3 * H] = acc_t(0);
+      }
+      return;
+    }
+    const acc_t grad_h_t = b < rows_next ? product[0] : grad_h[at];
+    const acc_t* g = gates + b * 4 * H + j;
+    const UnitGates<acc_t> unit{g[0], g[H], g[2 * H], g[3 * H]};
+    const UnitGates<acc_t> grad = cell_backward(
+        unit, cells[at], (b < carried ? c_carried : c_initial)[at],
+        grad_h_t + (grad_output ? grad_output[at] : acc_t(0)), grad_c[at]);
+    acc_t* dg = grad_gates + b * 4 * H + j;
+    dg[0] = grad.i;
+    dg[H] = grad.f;
+    dg[2 * H] = grad.g;
+    dg[3 * H] = grad.o;
+  }
 };
 
-// Backward step, one block: the recurrent gradient of its (row, unit) tile,
-// grad_gates_{s+1}[rows, 0..4H)·w_hh[0..4H, units], then the cell's gradient in registers.
-template <typename Tile, typename scalar_t, typename acc_t>
-struct BackwardBlock {
+// The steps of one forward layer without a projection, over whole-sequence buffers:
+// step(s) for s in [0, steps()), in processing order. `live` may point to device memory
+// when the steps are built on the device.
+template <typename scalar_t, typename acc_t>
+struct ForwardSequence {
+  using Step = ForwardStep<scalar_t, acc_t>;
+  const scalar_t* w_hh;
+  acc_t* output;         // [T, B, P]
+  const acc_t* h0;       // [B, P]
+  acc_t* cells;          // [T, B, H]
+  const acc_t* c0;       // [B, H]
+  acc_t* gates;          // [T, B, 4H]: x·w_ihᵀ + bias in
+  acc_t* h_n;            // [B, P]
+  acc_t* c_n;            // [B, H]
+  int64_t seq_len, batch, hidden_size, output_size;
+  bool reverse;
+  const int64_t* live;   // [T] live rows at each time index, or null: all
+
+  C10_HOST_DEVICE int64_t steps() const { return seq_len; }
+  C10_HOST_DEVICE int64_t depth() const { return output_size; }  // of the recurrent product
+
+  C10_HOST_DEVICE Step step(int64_t s) const {
+    const int64_t B = batch, H = hidden_size, P = output_size;
+    const StepRows r = step_rows(s, seq_len, reverse, live, batch);
+    return {w_hh, output + r.t_prev * B * P, h0, cells + r.t_prev * B * H, c0,
+            gates + r.t * B * 4 * H, cells + r.t * B * H, output + r.t * B * P, h_n, c_n,
+            B, H, P, r.rows, r.carried, r.rows_next};
+  }
+};
+
+// The steps of one backward layer without a projection: step(i) for i < T is processing
+// step s = T-1-i, whose product takes grad_gates of step s+1 (none at s = T-1); the last,
+// step(T), has no cell: only the product of step 0's grad_gates, written into grad_h as
+// grad_h0 for the rows live at step 0.
+template <typename scalar_t, typename acc_t>
+struct BackwardSequence {
+  using Step = BackwardStep<scalar_t, acc_t>;
+  const scalar_t* w_hh;
+  const acc_t* grad_output;  // [T, B, H] or null
+  const acc_t* gates;        // [T, B, 4H]: saved
+  const acc_t* cells;        // [T, B, H]: saved
+  const acc_t* c0;           // [B, H]
+  acc_t* grad_h;             // [B, H]: grad_h_n in, grad_h0 out
+  acc_t* grad_c;             // [B, H]: grad_c_n in, grad_c0 out
+  acc_t* grad_gates;         // [T, B, 4H] out
+  int64_t seq_len, batch, hidden_size;
+  bool reverse;
+  const int64_t* live;       // [T] or null: all
+
+  C10_HOST_DEVICE int64_t steps() const { return seq_len + 1; }
+  C10_HOST_DEVICE int64_t depth() const { return 4 * hidden_size; }  // of the recurrent product
+
+  C10_HOST_DEVICE Step step(int64_t i) const {
+    const int64_t T = seq_len, B = batch, H = hidden_size;
+    const int64_t s = T - 1 - i;
+    // The time index of processing step k (in [0, T)).
+    const auto time = [&](int64_t k) { return reverse ? T - 1 - k : k; };
+    const acc_t* grad_gates_next = s + 1 < T ? grad_gates + time(s + 1) * B * 4 * H : nullptr;
+    if (s < 0) {
+      const int64_t first_rows = live ? live[time(0)] : B;
+      return {w_hh, grad_gates_next, nullptr, nullptr, nullptr, nullptr, nullptr, grad_h, grad_c,
+              nullptr, B, H, 0, 0, first_rows};
+    }
+    const StepRows r = step_rows(s, T, reverse, live, batch);
+    return {w_hh, grad_gates_next, grad_output ? grad_output + r.t * B * H : nullptr,
+            gates + r.t * B * 4 * H, cells + r.t * B * H, cells + r.t_prev * B * H, c0, grad_h,
+            grad_c, grad_gates + r.t * B * 4 * H, B, H, r.rows, r.carried, r.rows_next};
+  }
+};
+
+// The work of one block of a step kernel on rows [row0, row0 + kRows) and units
+// [unit0, unit0 + kUnits): the recurrent product of its (row, unit) tile in kDepth
+// slices, each staged in shared memory between two barriers, then the cell (`update`)
+// in registers. Weight rows are staged in the order q·kUnits + u (gate q of unit u).
+template <typename Tile, typename Step>
+struct StepBlock {
+  using acc_t = typename Step::acc_t;
+  static constexpr int kGates = Step::kGates;
+  static constexpr int kWeightRows = kGates * Tile::kUnits;
+
   struct Shared {
-    acc_t g[Tile::kDepth][Tile::kRows + 1];  // grad_gates_{s+1}[rows, k-slice], transposed
-    acc_t w[Tile::kDepth][Tile::kUnits];     // w_hh[k-slice, units]
+    acc_t a[Tile::kDepth][Tile::kRows + 1];   // the activations [rows, k-slice], transposed
+    acc_t w[Tile::kDepth][kWeightRows + 1];   // the weight rows [k-slice], transposed
   };
   struct Thread {
-    acc_t acc[Tile::kThreadRows][Tile::kThreadUnits];
+    acc_t acc[Tile::kThreadRows][Tile::kThreadUnits][kGates];
   };
-  using Step = BackwardStep<scalar_t, acc_t>;
-
-  // The length of the recurrent product: over the 4H gate rows (none without grad_gates_next).
-  C10_HOST_DEVICE static int64_t depth(const Step& p) {
-    return p.grad_gates_next ? 4 * p.hidden_size : 0;
-  }
 
   C10_HOST_DEVICE static void clear(Thread& th) {
     for (int m = 0; m < Tile::kThreadRows; ++m)
-      for (int u = 0; u < Tile::kThreadUnits; ++u) th.acc[m][u] = acc_t(0);
+      for (int u = 0; u < Tile::kThreadUnits; ++u)
+        for (int q = 0; q < kGates; ++q) th.acc[m][u][q] = acc_t(0);
   }
 
-  // grad_gates_{s+1} is read along k (consecutive threads, consecutive k), w_hh along
-  // units (consecutive threads, consecutive units).
+  // Stages the activations of rows row0.. and the weight rows of units unit0.. over
+  // k0..k0+kDepth. Consecutive threads read consecutive addresses: along k for the
+  // activations, and along k or along the units for the weights, whichever is contiguous.
   C10_HOST_DEVICE static void load(Shared& s, const Step& p, int64_t row0, int64_t unit0,
                                    int64_t k0, int tid) {
-    const int64_t H = p.hidden_size;
     for (int e = tid; e < Tile::kDepth * Tile::kRows; e += Tile::kThreads) {
       const int kd = e % Tile::kDepth, m = e / Tile::kDepth;
-      const int64_t b = row0 + m, k = k0 + kd;
-      s.g[kd][m] = (b < p.rows_next && k < 4 * H) ? p.grad_gates_next[b * 4 * H + k] : acc_t(0);
+      s.a[kd][m] = p.activation(row0 + m, k0 + kd);
     }
-    for (int e = tid; e < Tile::kDepth * Tile::kUnits; e += Tile::kThreads) {
-      const int u = e % Tile::kUnits, kd = e / Tile::kUnits;
-      const int64_t j = unit0 + u, k = k0 + kd;
-      s.w[kd][u] = (j < H && k < 4 * H) ? static_cast<acc_t>(p.w_hh[k * H + j]) : acc_t(0);
+    for (int e = tid; e < Tile::kDepth * kWeightRows; e += Tile::kThreads) {
+      const int kd = Step::kDepthContiguous ? e % Tile::kDepth : e / kWeightRows;
+      const int r = Step::kDepthContiguous ? e / Tile::kDepth : e % kWeightRows;
+      const int64_t j = unit0 + r % Tile::kUnits;
+      s.w[kd][r] = static_cast<acc_t>(p.weight(j, r / Tile::kUnits, k0 + kd));
     }
   }
 
@@ -322,52 +398,46 @@ struct BackwardBlock {
     for (int kd = 0; kd < Tile::kDepth; ++kd) {
       FUSED_LSTM_UNROLL
       for (int m = 0; m < Tile::kThreadRows; ++m) {
-        const acc_t g = s.g[kd][Tile::row(tid, m)];
+        const acc_t a = s.a[kd][Tile::row(tid, m)];
         FUSED_LSTM_UNROLL
-        for (int u = 0; u < Tile::kThreadUnits; ++u) th.acc[m][u] += g * s.w[kd][Tile::unit(tid, u)];
+        for (int u = 0; u < Tile::kThreadUnits; ++u)
+          FUSED_LSTM_UNROLL
+          for (int q = 0; q < kGates; ++q)
+            th.acc[m][u][q] += a * s.w[kd][q * Tile::kUnits + Tile::unit(tid, u)];
       }
     }
   }
-
-  C10_HOST_DEVICE static void finish(const Step& p, int64_t row0, int64_t unit0, int tid, Thread& th) {
-    const int64_t H = p.hidden_size;
-    Tile::for_each_pair(tid, row0, unit0, p.batch, H, [&](int m, int u, int64_t b, int64_t j) {
-      const int64_t at = b * H + j;
-      if (b >= p.rows) {
-        // Not live at s: a row live at s+1 started there from h0, so this is grad_h0.
-        // (grad_h of a row live at neither step is not read: with a projection it is
-        // never written.)
-        if (b < p.rows_next) p.grad_h[at] = th.acc[m][u];
-        if (p.grad_gates) {
-          acc_t* dg = p.grad_gates + b * 4 * H + j;
-          dg[0] = dg[H] = dg[2 * H] = dg[3 * H] = acc_t(0);
-        }
-        return;
-      }
-      const acc_t grad_h = b < p.rows_next ? th.acc[m][u] : p.grad_h[at];
-      const acc_t* g = p.gates + b * 4 * H + j;
-      const UnitGates<acc_t> gates{g[0], g[H], g[2 * H], g[3 * H]};
-      const UnitGates<acc_t> grad = cell_backward(
-          gates, p.cells[at], (b < p.carried ? p.c_carried : p.c_initial)[at],
-          grad_h + (p.grad_output ? p.grad_output[at] : acc_t(0)), p.grad_c[at]);
-      acc_t* dg = p.grad_gates + b * 4 * H + j;
-      dg[0] = grad.i;
-      dg[H] = grad.f;
-      dg[2 * H] = grad.g;
-      dg[3 * H] = grad.o;
-    });
-  }
 };
 
+// The block program of a step kernel: run_block(block, shared, step, row0, unit0).
+template <typename Tile, typename Step, typename Block>
+C10_HOST_DEVICE void run_block(Block& block, typename StepBlock<Tile, Step>::Shared& s,
+                               const Step& p, int64_t row0, int64_t unit0) {
+  using Program = StepBlock<Tile, Step>;
+  using Thread = typename Program::Thread;
+  block.for_each_thread([&](int, Thread& th) { Program::clear(th); });
+  const int64_t depth = p.depth();
+  for (int64_t k0 = 0; k0 < depth; k0 += Tile::kDepth) {
+    block.for_each_thread([&](int tid, Thread&) { Program::load(s, p, row0, unit0, k0, tid); });
+    block.sync();
+    block.for_each_thread([&](int tid, Thread& th) { Program::multiply(s, tid, th); });
+    block.sync();
+  }
+  block.for_each_thread([&](int tid, Thread& th) {
+    Tile::for_each_pair(tid, row0, unit0, p.batch, p.hidden_size,
+                        [&](int m, int u, int64_t b, int64_t j) { p.update(b, j, th.acc[m][u]); });
+  });
+}
+
 // Runs the blocks of one step (a ForwardStep or a BackwardStep) as
-// Run::run<Program, Tile>(step, row_blocks, unit_blocks), with the tile for its batch
-// size: on the GPU, or emulated on the host. Nothing to run without rows.
+// Run::run<Tile>(step, row_blocks, unit_blocks), with the tile for its batch size: on
+// the GPU, or emulated on the host. Nothing to run without rows.
 template <typename Run, typename Step>
 void run_step(const Step& step) {
   const auto grid = [&](auto tile) {
     using T = decltype(tile);
-    Run::template run<typename Step::template Program<T>, T>(
-        step, (step.batch + T::kRows - 1) / T::kRows, (step.hidden_size + T::kUnits - 1) / T::kUnits);
+    Run::template run<T>(step, (step.batch + T::kRows - 1) / T::kRows,
+                         (step.hidden_size + T::kUnits - 1) / T::kUnits);
   };
   if (step.batch == 0) return;
   if (step.batch <= kSmallBatch) {

@@ -1,0 +1,6 @@
+// The persistent kernels (forward and backward) for bfloat16 inputs: see persistent_kernel.cuh.
+#include "persistent_kernel.cuh"
+
+namespace fused_lstm::cuda {
+FUSED_LSTM_PERSISTENT_KERNELS(c10::BFloat16, float)
+}  // namespace fused_lstm::cuda
