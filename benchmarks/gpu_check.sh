@@ -11,6 +11,8 @@
 #
 #   bash benchmarks/gpu_check.sh   # PYTHON (default python) must have torch, pytest, tqdm;
 #                                  # OUT (default gpu-check-out); BENCH_ARGS: more run.py options
+#   STAGES="tests sanitizer" bash benchmarks/gpu_check.sh   # some stages only (default: all
+#                                  # of build tests sanitizer bench), e.g. one device call each
 #
 # Prints the GPU, the versions, pytest's summary, each sanitizer's summary, the benchmark
 # tables and the seconds each stage took; exits non-zero at the first failure.
@@ -18,6 +20,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 OUT=${OUT:-gpu-check-out}
+STAGES=" ${STAGES:-build tests sanitizer bench} "
+stage() { [[ "$STAGES" == *" $1 "* ]]; }
 start=$(date +%s)
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -37,15 +41,19 @@ if [ -d "$site/nvidia/cu13/include" ]; then
 fi
 arch=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
 
-SECONDS=0
-FUSED_LSTM_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} MAX_JOBS=${MAX_JOBS:-8} \
-  "$PY" -m pip install -q --no-build-isolation --no-deps -e .
-echo "build: ${SECONDS}s (arch $arch)"
+if stage build; then
+  SECONDS=0
+  FUSED_LSTM_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} MAX_JOBS=${MAX_JOBS:-8} \
+    "$PY" -m pip install -q --no-build-isolation --no-deps -e .
+  echo "build: ${SECONDS}s (arch $arch)"
+fi
 
-SECONDS=0
-"$PY" -m pytest -q -rs tests/test_cuda.py tests/test_cuda_emulated.py \
-  tests/test_cuda_persistent_emulated.py tests/test_op.py
-echo "tests: ${SECONDS}s"
+if stage tests; then
+  SECONDS=0
+  "$PY" -m pytest -q -rs tests/test_cuda.py tests/test_cuda_emulated.py \
+    tests/test_cuda_persistent_emulated.py tests/test_op.py
+  echo "tests: ${SECONDS}s"
+fi
 
 # Both tiles of the step kernels (batch <= 64 and above), partial tiles, packed, reverse,
 # projection (always on the step kernels), tensor cores (float16) and FMAs (float32,
@@ -64,39 +72,43 @@ for dtype in (torch.float32, torch.float16, torch.float64):
 torch.cuda.synchronize()
 print("case done")
 '
-sanitizer=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
-"$sanitizer" --version | tail -1
-for path in persistent stepwise; do
-  kernel=step_kernel
-  [ "$path" = persistent ] && kernel=persistent_kernel
-  for tool in memcheck racecheck synccheck initcheck; do
-    SECONDS=0
-    # memcheck sees every kernel (ours and the ATen ops around them), the others ours only;
-    # no caching allocator, so that an access past a tensor's end is past its allocation.
-    filter=()
-    [ "$tool" = memcheck ] || filter=(--kernel-name "kns=$kernel")
-    log=$(mktemp)
-    if ! FUSED_LSTM_CUDA_PATH=$path PYTHONPATH=tests PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-        "$sanitizer" --tool "$tool" --error-exitcode 1 "${filter[@]}" "$PY" -c "$case_py" >"$log" 2>&1; then
-      head -100 "$log"
-      echo "$path $tool: FAILED"
-      exit 1
-    fi
-    tail -2 "$log"
-    echo "$path $tool: ${SECONDS}s"
-    rm -f "$log"
+if stage sanitizer; then
+  sanitizer=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
+  "$sanitizer" --version | tail -1
+  for path in persistent stepwise; do
+    kernel=step_kernel
+    [ "$path" = persistent ] && kernel=persistent_kernel
+    for tool in memcheck racecheck synccheck initcheck; do
+      SECONDS=0
+      # memcheck sees every kernel (ours and the ATen ops around them), the others ours only;
+      # no caching allocator, so that an access past a tensor's end is past its allocation.
+      filter=()
+      [ "$tool" = memcheck ] || filter=(--kernel-name "kns=$kernel")
+      log=$(mktemp)
+      if ! FUSED_LSTM_CUDA_PATH=$path PYTHONPATH=tests PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+          "$sanitizer" --tool "$tool" --error-exitcode 1 "${filter[@]}" "$PY" -c "$case_py" >"$log" 2>&1; then
+        head -100 "$log"
+        echo "$path $tool: FAILED"
+        exit 1
+      fi
+      tail -2 "$log"
+      echo "$path $tool: ${SECONDS}s"
+      rm -f "$log"
+    done
   done
-done
+fi
 
 # The benchmark with the default rule (what users get: the persistent kernel wherever it
 # fits), then forced onto the step kernels, for the comparison.
-for path in default stepwise; do
-  SECONDS=0
-  forced=()
-  [ "$path" = stepwise ] && forced=(FUSED_LSTM_CUDA_PATH=stepwise)
-  # shellcheck disable=SC2086  # BENCH_ARGS holds several options
-  env "${forced[@]}" "$PY" benchmarks/run.py --device cuda --graph --out "$OUT/bench/$path" \
-    ${BENCH_ARGS:-}
-  echo "benchmark, $path: ${SECONDS}s"
-done
+if stage bench; then
+  for path in default stepwise; do
+    SECONDS=0
+    forced=()
+    [ "$path" = stepwise ] && forced=(FUSED_LSTM_CUDA_PATH=stepwise)
+    # shellcheck disable=SC2086  # BENCH_ARGS holds several options
+    env "${forced[@]}" "$PY" benchmarks/run.py --device cuda --graph --out "$OUT/bench/$path" \
+      ${BENCH_ARGS:-}
+    echo "benchmark, $path: ${SECONDS}s"
+  done
+fi
 echo "gpu_check: $(( $(date +%s) - start ))s in all"
