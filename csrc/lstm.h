@@ -67,12 +67,13 @@ using InputAndWeightGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::T
 // The gradients that follow from grad_gates [T,B,4H], the gradient of every step's
 // pre-activations (zero where a row is not live), as a few GEMMs over all steps at once.
 // grad_h_steps [T,B,P] is the gradient of every step's output (zero where not live),
-// used only with w_hr. All tensors contiguous in the accumulate type; any device.
+// used only with w_hr. grad_input is empty unless input_grad. All tensors contiguous in
+// the accumulate type; any device.
 InputAndWeightGrads input_and_weight_grads(const Dims& d, const std::vector<int64_t>& live,
                                            bool reverse, const at::Tensor& grad_gates,
                                            const at::Tensor& x, const at::Tensor& h0,
                                            const at::Tensor& w_ih, const at::Tensor& output,
                                            const at::Tensor& gates, const at::Tensor& cells,
-                                           const at::Tensor& grad_h_steps);
+                                           const at::Tensor& grad_h_steps, bool input_grad);
 
 }  // namespace fused_lstm

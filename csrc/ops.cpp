@@ -20,11 +20,12 @@ TORCH_LIBRARY(fused_lstm, m) {
       "Tensor? w_hr, Tensor? batch_sizes, bool reverse) "
       "-> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)");
   // Undefined grad_output/grad_h_n/grad_c_n count as zeros. grad_bias is always
-  // computed; grad_w_hr is empty without w_hr.
+  // computed; grad_w_hr is empty without w_hr; grad_input is empty with input_grad=False
+  // (its GEMM skipped: the input of a first layer often needs no gradient).
   m.def(
       "backward(Tensor? grad_output, Tensor? grad_h_n, Tensor? grad_c_n, Tensor input, "
       "Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor? batch_sizes, "
-      "bool reverse, Tensor output, Tensor gates, Tensor cells) "
+      "bool reverse, Tensor output, Tensor gates, Tensor cells, bool input_grad=True) "
       "-> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, "
       "Tensor grad_w_hh, Tensor grad_bias, Tensor grad_w_hr)");
 }

@@ -41,9 +41,9 @@ def _forward_fake(input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse):
 
 @torch.library.register_fake("fused_lstm::backward")
 def _backward_fake(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, w_hr,
-                   batch_sizes, reverse, output, gates, cells):
+                   batch_sizes, reverse, output, gates, cells, input_grad=True):
     return (
-        input.new_empty(input.shape),
+        input.new_empty(input.shape if input_grad else (0,)),
         h0.new_empty(h0.shape),
         c0.new_empty(c0.shape),
         w_ih.new_empty(w_ih.shape),
@@ -73,7 +73,10 @@ def _backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
     if torch.is_grad_enabled():
         grads = list(BackwardFunction.apply(*args[:8], bias, *args[8:]))
     else:
-        grads = list(backward(*args))
+        # Without a gradient of the input (a first layer's data), its GEMM is skipped.
+        grads = list(backward(*args, ctx.needs_input_grad[0]))
+        if not ctx.needs_input_grad[0]:
+            grads[0] = None
     if bias is None:
         grads[5] = None
     if w_hr is None:

@@ -175,6 +175,42 @@ def test_backward_with_only_some_output_gradients(cpu_path):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("P", [None, 2])
+def test_backward_without_the_input_gradient(P, cpu_path):
+    """input_grad=False skips grad_input (returned empty); every other gradient is the
+    same, bit for bit."""
+    args = make_args(5, 3, 4, 6, P)
+    batch_sizes = torch.tensor([3, 3, 2, 2, 1])
+    out, h_n, c_n, gates, cells = forward(*args, batch_sizes, True)
+    grads = (torch.randn_like(out), torch.randn_like(h_n), torch.randn_like(c_n))
+    saved = (*args[:5], args[6], batch_sizes, True, out, gates, cells)
+    full = backward(*grads, *saved)
+    skipped = backward(*grads, *saved, False)
+    assert full[0].shape == args[0].shape and skipped[0].shape == (0,)
+    for a, b in zip(full[1:], skipped[1:]):
+        assert torch.equal(a, b)
+    torch.library.opcheck(backward, (*grads, *saved, False))
+
+
+def test_module_skips_the_input_gradient_only_when_unneeded(monkeypatch):
+    """FusedLSTM asks the backward op for grad_input exactly when the input needs it."""
+    seen = []
+    op = fused_lstm._ops.backward
+
+    def spy(*args):
+        seen.append(args[14] if len(args) > 14 else True)
+        return op(*args)
+
+    monkeypatch.setattr(fused_lstm._ops, "backward", spy)
+    lstm = fused_lstm.FusedLSTM(3, 4, num_layers=2)
+    x = torch.randn(5, 2, 3)
+    lstm(x)[0].sum().backward()
+    assert seen == [True, False]  # layer 1's input (layer 0's output) needs it; x does not
+    seen.clear()
+    lstm(x.requires_grad_())[0].sum().backward()
+    assert seen == [True, True] and x.grad is not None
+
+
 def test_empty_batch(cpu_path):
     args = make_args(3, 0, 2, 4)
     out, h_n, c_n, gates, cells = forward(*args, None, False)

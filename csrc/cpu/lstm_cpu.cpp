@@ -244,7 +244,7 @@ BackwardResult backward_impl(const Dims& d, const std::vector<int64_t>& live,
                              const at::Tensor& h0, const at::Tensor& c0,
                              const at::Tensor& w_ih, const at::Tensor& w_hh,
                              const at::Tensor& w_hr, bool reverse, const at::Tensor& output,
-                             const at::Tensor& gates, const at::Tensor& cells) {
+                             const at::Tensor& gates, const at::Tensor& cells, bool input_grad) {
   const int64_t T = d.seq_len, B = d.batch, H = d.hidden_size, P = d.output_size;
   const bool projected = w_hr.defined();
   const auto opts = x.options();
@@ -269,7 +269,7 @@ BackwardResult backward_impl(const Dims& d, const std::vector<int64_t>& live,
   }
 
   auto [grad_input, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] = input_and_weight_grads(
-      d, live, reverse, grad_gates, x, h0, w_ih, output, gates, cells, grad_h_steps);
+      d, live, reverse, grad_gates, x, h0, w_ih, output, gates, cells, grad_h_steps, input_grad);
   return {grad_input, grad_h, grad_c, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
 }
 
@@ -303,7 +303,7 @@ BackwardResult backward_cpu(const std::optional<at::Tensor>& grad_output,
                             const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
                             const std::optional<at::Tensor>& batch_sizes, bool reverse,
                             const at::Tensor& output, const at::Tensor& gates,
-                            const at::Tensor& cells) {
+                            const at::Tensor& cells, bool input_grad) {
   const Dims d = check_backward_args(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh,
                                      w_hr, batch_sizes, output, gates, cells);
   const auto live = live_rows(batch_sizes, d);
@@ -314,7 +314,7 @@ BackwardResult backward_cpu(const std::optional<at::Tensor>& grad_output,
         d, live, prepare(grad_output, acc), prepare(grad_h_n, acc), prepare(grad_c_n, acc),
         prepare(input, acc), prepare(h0, acc), prepare(c0, acc), prepare(w_ih, acc),
         prepare(w_hh, acc), prepare(w_hr, acc), reverse, prepare(output, acc),
-        gates.contiguous(), cells.contiguous());
+        gates.contiguous(), cells.contiguous(), input_grad);
   });
   if (acc != input.scalar_type()) {
     const auto dtype = input.scalar_type();

@@ -209,10 +209,10 @@ BackwardResult backward_cuda(const std::optional<at::Tensor>& grad_output,
                              const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
                              const std::optional<at::Tensor>& batch_sizes, bool reverse,
                              const at::Tensor& output, const at::Tensor& gates,
-                             const at::Tensor& cells) {
+                             const at::Tensor& cells, bool input_grad) {
   const c10::cuda::CUDAGuard device_guard(input.device());
   return backward(OnGpu{}, grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, w_hr,
-                  batch_sizes, reverse, output, gates, cells);
+                  batch_sizes, reverse, output, gates, cells, input_grad);
 }
 
 }  // namespace

@@ -124,7 +124,7 @@ BackwardResult backward_layer(const Run& run, const Dims& d,
                               const at::Tensor& w_ih_in, const at::Tensor& w_hh_in,
                               const std::optional<at::Tensor>& w_hr_in, bool reverse,
                               const at::Tensor& output_in, const at::Tensor& gates_in,
-                              const at::Tensor& cells_in) {
+                              const at::Tensor& cells_in, bool input_grad) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto acc = c10::CppTypeToScalarType<acc_t>::value;
   const int64_t T = d.seq_len, B = d.batch, H = d.hidden_size, P = d.output_size;
@@ -176,7 +176,7 @@ BackwardResult backward_layer(const Run& run, const Dims& d,
 
   auto [grad_input, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] = input_and_weight_grads(
       d, live, reverse, grad_gates, prepare(input, acc), prepare(h0_in, acc), prepare(w_ih_in, acc),
-      prepare(output_in, acc), gates, cells, grad_h_steps);
+      prepare(output_in, acc), gates, cells, grad_h_steps, input_grad);
   BackwardResult result{grad_input, grad_h, grad_c, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
   const auto dtype = input.scalar_type();
   if (acc != dtype) std::apply([&](auto&... grads) { ((grads = grads.to(dtype)), ...); }, result);
@@ -206,14 +206,16 @@ BackwardResult backward(const Run& run, const std::optional<at::Tensor>& grad_ou
                         const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
                         const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
                         const std::optional<at::Tensor>& batch_sizes, bool reverse,
-                        const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells) {
+                        const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
+                        bool input_grad = true) {
   const Dims d = check_backward_args(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh,
                                      w_hr, batch_sizes, output, gates, cells);
   const auto live = live_rows(batch_sizes, d);
   BackwardResult result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fused_lstm_backward_cuda", [&] {
     result = backward_layer<Run, scalar_t>(run, d, live, grad_output, grad_h_n, grad_c_n, input,
-                                           h0, c0, w_ih, w_hh, w_hr, reverse, output, gates, cells);
+                                           h0, c0, w_ih, w_hh, w_hr, reverse, output, gates, cells,
+                                           input_grad);
   });
   return result;
 }
