@@ -1,4 +1,4 @@
-"""The benchmark: the Python time-step loop, nn.LSTM and FusedLSTM side by side.
+"""The benchmark: the Python time-step loop, nn.LSTM, onnxruntime and FusedLSTM side by side.
 
     python benchmarks/run.py                        # default shapes and dtypes of the device
     python benchmarks/run.py --device cpu --quick   # a short CPU run (under 3 minutes on 2 cores)
@@ -6,14 +6,18 @@
 
 In one process, for each shape, dtype and mode, three modules share one state_dict:
 fused_lstm.ReferenceLSTM (the seed's time-step loop behind FusedLSTM's interface),
-torch.nn.LSTM and FusedLSTM. Before a case is timed, FusedLSTM's outputs (and, for a
-training step, every gradient) are checked against nn.LSTM's, both measured against a
-float64 run; the benchmark stops if FusedLSTM is less accurate than nn.LSTM allows.
+torch.nn.LSTM and FusedLSTM; for CPU inference, when onnxruntime is installed, the ONNX
+export of that nn.LSTM runs in onnxruntime as a fourth. Before a case is timed, FusedLSTM's
+outputs (and, for a training step, every gradient) are checked against nn.LSTM's, both
+measured against a float64 run; the benchmark stops if FusedLSTM is less accurate than
+nn.LSTM allows. onnxruntime's outputs are held to the same rule; where they fail it, it is
+left out of that case and the table says so.
 
 Times come from torch.utils.benchmark.Timer (it synchronises CUDA). The implementations
 are timed in interleaved rounds, alternating their order, so that a machine whose speed
-drifts affects them alike; a time is the median over rounds, and a speed-up the median
-over rounds of the ratio of two times taken side by side.
+drifts affects them alike. A time is the median over rounds, with the interquartile range
+of the rounds beside it; a speed-up is the ratio of two such medians, so that every
+speed-up printed is the quotient of the two times printed.
 """
 from __future__ import annotations
 
@@ -22,12 +26,17 @@ import copy
 import csv
 import datetime
 import json
+import contextlib
+import io
+import logging
 import math
 import os
 import platform
 import statistics
 import subprocess
 import sys
+import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,8 +66,27 @@ MODES = {"fwd": ["fwd"], "fwdbwd": ["fwdbwd"], "both": ["fwd", "fwdbwd"]}
 MODE_LABELS = {"fwd": "fwd", "fwdbwd": "fwd+bwd"}
 
 # The implementations timed side by side, keyed as in results.json.
-LOOP, NN_LSTM, FUSED = "loop", "nn_lstm", "fused"
-LABELS = {LOOP: "Python loop", NN_LSTM: "nn.LSTM", FUSED: "FusedLSTM"}
+LOOP, NN_LSTM, ORT, FUSED = "loop", "nn_lstm", "onnxruntime", "fused"
+LABELS = {LOOP: "Python loop", NN_LSTM: "nn.LSTM", ORT: "onnxruntime", FUSED: "FusedLSTM"}
+# Each speed-up: the fastest of the baselines' median times over the target's.
+SPEEDUPS = {  # key in results.json: (baselines, target, column heading)
+    "speedup_vs_nn_lstm": ((NN_LSTM,), FUSED, "speed-up vs nn.LSTM"),
+    "speedup_vs_onnxruntime": ((ORT,), FUSED, "speed-up vs onnxruntime"),
+    "speedup_vs_fastest_library": ((NN_LSTM, ORT), FUSED,
+                                   "speed-up vs min(nn.LSTM, onnxruntime)"),
+    "speedup_vs_loop": ((LOOP,), FUSED, "speed-up vs loop"),
+    "graph_speedup_vs_nn_lstm": ((f"{NN_LSTM}_graph",), f"{FUSED}_graph",
+                                 "graph speed-up vs nn.LSTM"),
+}
+# onnxruntime's CPU LSTM kernel takes float and double only (it refuses a bfloat16 graph
+# as INVALID_GRAPH), so other dtypes are not exported.
+ORT_DTYPES = ("float32", "float64")
+# The loop's cost is estimated from the median of a few calls over its first few steps
+# (its time is linear in T): one call on a loaded machine can be many times too slow.
+LOOP_PROBE_STEPS = 8
+LOOP_PROBE_CALLS = 5
+# A case calls each step about rounds + 3 times: warm-up, rounds, peak memory.
+LOOP_EXTRA_CALLS = 3
 
 # FusedLSTM passes when, on every output and gradient, its error against the float64 run
 # is at most SLACK times nn.LSTM's error plus ROUNDING units of its dtype (the test suite's
@@ -110,7 +138,8 @@ def parse_shape(text: str) -> Shape:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Time the Python loop, nn.LSTM and FusedLSTM, sharing one state_dict.",
+        description="Time the Python loop, nn.LSTM, onnxruntime (CPU inference, when "
+        "installed) and FusedLSTM, sharing one state_dict.",
         epilog="Shape presets (T, B, I, H): "
         + "; ".join(f"{name} {dims}" for name, dims in PRESETS.items()),
     )
@@ -127,13 +156,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--bidirectional", action="store_true")
     parser.add_argument("--mode", choices=list(MODES), default="both",
                         help="fwd: inference under no_grad; fwdbwd: a training step, forward "
-                        "and the gradients of the input and every parameter")
+                        "and the gradients of the input and every parameter; both (the "
+                        "default): each in turn")
+    parser.add_argument("--loop", choices=["auto", "always", "never"], default="auto",
+                        help="time the Python loop: auto (the default) where its estimated "
+                        "time per call, from the median of a few short calls, keeps the case "
+                        "within budget (the table gives the estimate and the limit); always; "
+                        "never")
+    parser.add_argument("--no-onnxruntime", dest="onnxruntime", action="store_false",
+                        help="leave onnxruntime out (by default it is timed on CPU inference "
+                        "when onnxruntime, onnx and onnxscript are installed)")
     parser.add_argument("--graph", action="store_true",
                         help="CUDA only: also time nn.LSTM and FusedLSTM replayed from a CUDA "
                         "graph")
     parser.add_argument("--quick", action="store_true",
                         help="by default only seed and b1 (CPU) or seed and mid (CUDA), float32; "
-                        "3 rounds of 0.05 s blocks; the loop only where it takes under 10 s")
+                        "3 rounds of 0.05 s blocks; the loop only where a case's calls of it "
+                        "take under 10 s")
     parser.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's own)")
     parser.add_argument("--out", type=Path, metavar="DIR",
                         help="write results.json, results.csv and speedups.png there")
@@ -166,7 +205,7 @@ def timing_settings(device: str, quick: bool) -> Settings:
     return Settings(rounds=5, block_s=0.1, loop_budget_s=60.0)
 
 
-def machine(device: str) -> dict:
+def machine(device: str, onnxruntime) -> dict:
     """What the figures were measured on."""
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -174,6 +213,10 @@ def machine(device: str) -> dict:
         "cpu": cpu_model(),
         "logical_cpus": os.cpu_count(),
         "threads": torch.get_num_threads(),
+        # The ISA torch's own kernels dispatch to, and the one our CPU kernels run.
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "fused_lstm_cpu_capability": torch.ops.fused_lstm.cpu_capability(),
+        "onnxruntime": onnxruntime.__version__ if onnxruntime else None,
         "torch": torch.__version__,
         "fused_lstm": fused_lstm.__version__,
         "git_commit": git_commit(),
@@ -195,14 +238,23 @@ def machine(device: str) -> dict:
 
 
 def cpu_model() -> str:
+    """The CPU's name with its family and model numbers: a virtual machine may name only
+    the vendor's line ("AMD EPYC"), and the numbers tell its generation (26, 2: Zen 5)."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if not key:  # the end of the first processor's entry
+                    break
+                fields.setdefault(key, value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']} model {fields['model']})"
+    return name
 
 
 def git_commit() -> str | None:
@@ -337,13 +389,29 @@ def make_timer(step: Callable) -> benchmark.Timer:
                            num_threads=torch.get_num_threads())
 
 
-def estimate_loop_s(module: nn.Module, shape: Shape, args, dtype, mode: str,
-                    settings: Settings) -> float:
-    """The loop's seconds per call, from a few of its steps: its cost is linear in T."""
-    steps = min(shape.seq_len, 8)
+def estimate_loop_s(module: nn.Module, shape: Shape, args, dtype, mode: str) -> float:
+    """The loop's seconds per call: the median of a few calls over its first few time
+    steps, after one to warm up, scaled to T."""
+    steps = min(shape.seq_len, LOOP_PROBE_STEPS)
     x, cotangents = make_inputs(shape, args, dtype, seq_len=steps)
-    timer = make_timer(make_step(module, mode, x, cotangents))
-    return timer.blocked_autorange(min_run_time=settings.block_s).median * shape.seq_len / steps
+    step = make_step(module, mode, x, cotangents)
+    step()
+    seconds = []
+    for _ in range(LOOP_PROBE_CALLS):
+        # One call each, not Timer.timeit's: that one warms up with two more every time.
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds) * shape.seq_len / steps
+
+
+def loop_limit_s(settings: Settings) -> float:
+    """The loop's longest estimated time per call that keeps its case within budget."""
+    return settings.loop_budget_s / (settings.rounds + LOOP_EXTRA_CALLS)
 
 
 def time_interleaved(steps: dict[str, Callable], settings: Settings) -> dict[str, list[float]]:
@@ -363,8 +431,101 @@ def time_interleaved(steps: dict[str, Callable], settings: Settings) -> dict[str
     return times
 
 
-def median_ratio(numerators: list[float], denominators: list[float]) -> float:
-    return statistics.median(n / d for n, d in zip(numerators, denominators, strict=True))
+def interquartile_range(values: list[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    first, _, third = statistics.quantiles(values, n=4, method="inclusive")
+    return third - first
+
+
+def summarise(times: dict[str, list[float]]) -> dict:
+    """Each implementation's median ms over the rounds, their interquartile range and the
+    rounds themselves; each speed-up the ratio of those medians (never a statistic of its
+    own, so that it always equals the quotient of the times printed beside it)."""
+    row = {}
+    for key, seconds in times.items():
+        ms = [s * 1e3 for s in seconds]
+        row[f"{key}_ms"] = statistics.median(ms)
+        row[f"{key}_iqr_ms"] = interquartile_range(ms)
+        row[f"{key}_rounds_ms"] = ms
+    for name, (baselines, target, _) in SPEEDUPS.items():
+        if target in times and all(key in times for key in baselines):
+            row[name] = min(row[f"{key}_ms"] for key in baselines) / row[f"{target}_ms"]
+    return row
+
+
+# --- onnxruntime ------------------------------------------------------------------------------
+
+def import_onnxruntime(args: argparse.Namespace):
+    """onnxruntime where it has a part in this run (CPU inference) and it is installed
+    with what torch.onnx.export needs; else None."""
+    if not args.onnxruntime or args.device != "cpu" or "fwd" not in MODES[args.mode]:
+        return None
+    try:
+        import onnx  # noqa: F401  (the exporter's)
+        import onnxruntime
+        import onnxscript  # noqa: F401  (the exporter's)
+    except ImportError:
+        return None
+    return onnxruntime
+
+
+@contextlib.contextmanager
+def quiet_export():
+    """torch.onnx.export prints its progress, warns about nn.LSTM's flat weights and logs
+    the torchvision operators it cannot register: none of it concerns the benchmark."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def onnxruntime_step(onnxruntime, lstm: nn.LSTM, x: Tensor) -> Callable[[], list]:
+    """nn.LSTM ``lstm`` exported to ONNX (its LSTM operator) and run by onnxruntime on
+    ``x``: the step returns its outputs as numpy arrays."""
+    with quiet_export():
+        program = torch.onnx.export(copy.deepcopy(lstm), (x,), dynamo=True, verbose=False)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    # Threads that spin between calls would take the cores from whatever is timed next.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = onnxruntime.InferenceSession(program.model_proto.SerializeToString(), options,
+                                           providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: x.numpy()}
+    return lambda: session.run(None, feed)
+
+
+def add_onnxruntime(onnxruntime, label: str, dtype_name: str, modules, steps, x: Tensor,
+                    names: list[str], theirs, reference, row: dict) -> None:
+    """onnxruntime's step into ``steps``, once its outputs pass FusedLSTM's check; where it
+    cannot run or fails the check, the row says why and it is left out."""
+    if dtype_name not in ORT_DTYPES:
+        row[f"{ORT}_skipped"] = f"no {dtype_name} LSTM"
+        return
+    try:
+        step = onnxruntime_step(onnxruntime, modules[NN_LSTM], x)
+        outputs = [torch.from_numpy(array) for array in step()]
+    except Exception as error:  # noqa: BLE001  (whatever the reason, it is a result)
+        row[f"{ORT}_skipped"] = f"failed: {type(error).__name__}"
+        row[f"{ORT}_error"] = str(error).splitlines()[0]
+        return
+    try:
+        worst = check_outputs(f"{label}, onnxruntime", names, outputs, theirs, reference,
+                              DTYPES[dtype_name])
+    except CheckFailed as error:
+        row[f"{ORT}_skipped"] = "outputs fail the check"
+        row[f"{ORT}_error"] = str(error.code)
+        print(f"{label}: onnxruntime left out, its outputs fail FusedLSTM's check: {error.code}",
+              file=sys.stderr)
+        return
+    row[f"{ORT}_max_error"] = worst["fused_max_error"]
+    steps[ORT] = step
 
 
 def capture_graph(step: Callable):
@@ -412,7 +573,8 @@ def training_peak_mib(step: Callable) -> float:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
-def run_case(shape: Shape, dtype_name: str, mode: str, args, settings: Settings) -> dict:
+def run_case(shape: Shape, dtype_name: str, mode: str, args, settings: Settings,
+             onnxruntime=None) -> dict:
     dtype = DTYPES[dtype_name]
     label = f"{shape.name} ({shape.dims()}) {dtype_name} {MODE_LABELS[mode]}"
     torch.manual_seed(0)
@@ -433,12 +595,20 @@ def run_case(shape: Shape, dtype_name: str, mode: str, args, settings: Settings)
                           f"{str(error).splitlines()[0]}") from error
     row.update(check_outputs(label, names, ours, theirs, reference, dtype))
     del ours
+    if onnxruntime is not None and mode == "fwd":
+        add_onnxruntime(onnxruntime, label, dtype_name, modules, steps, x, names, theirs,
+                        reference, row)
 
-    loop_s = estimate_loop_s(modules[LOOP], shape, args, dtype, mode, settings)
-    row["loop_estimate_ms"] = loop_s * 1e3
-    # A case calls each step about rounds + 3 times: warm-up, rounds, peak memory.
-    if loop_s * (settings.rounds + 3) > settings.loop_budget_s:
-        row["loop_skipped"] = f"~{loop_s:.1f} s per call"
+    if args.loop == "never":
+        row[f"{LOOP}_skipped"] = "--loop never"
+    else:
+        loop_s = estimate_loop_s(modules[LOOP], shape, args, dtype, mode)
+        limit_s = loop_limit_s(settings)
+        row["loop_estimate_ms"], row["loop_limit_ms"] = loop_s * 1e3, limit_s * 1e3
+        if args.loop == "auto" and loop_s > limit_s:
+            row[f"{LOOP}_skipped"] = (f"estimated {format_seconds(loop_s)} per call, limit "
+                                      f"{format_seconds(limit_s)}")
+    if f"{LOOP}_skipped" in row:
         del steps[LOOP]
 
     if mode == "fwdbwd" and args.device == "cuda":
@@ -448,44 +618,66 @@ def run_case(shape: Shape, dtype_name: str, mode: str, args, settings: Settings)
     graphs = graph_replays(label, steps, names, theirs, reference, dtype, row) if args.graph else {}
     del theirs, reference
 
-    times = time_interleaved({**steps, **graphs}, settings)
-    for key, seconds in times.items():
-        row[f"{key}_ms"] = statistics.median(seconds) * 1e3
-        row[f"{key}_rounds_ms"] = [s * 1e3 for s in seconds]
-    row["speedup_vs_nn_lstm"] = median_ratio(times[NN_LSTM], times[FUSED])
-    if LOOP in times:
-        row["speedup_vs_loop"] = median_ratio(times[LOOP], times[FUSED])
-    if f"{NN_LSTM}_graph" in times and f"{FUSED}_graph" in times:
-        row["graph_speedup_vs_nn_lstm"] = median_ratio(times[f"{NN_LSTM}_graph"],
-                                                       times[f"{FUSED}_graph"])
+    row.update(summarise(time_interleaved({**steps, **graphs}, settings)))
     return row
 
 
 # --- reporting --------------------------------------------------------------------------------
 
-def header(meta: dict, args: argparse.Namespace, settings: Settings) -> str:
-    if meta["device"] == "cuda":
-        device = (f"{meta['gpu']} ({meta['multiprocessors']} SMs, {meta['gpu_memory_gib']} GiB), "
-                  f"CUDA {meta['cuda']}, cuDNN {meta['cudnn']}; float32 precision of cuDNN's "
-                  f"RNNs {meta['cudnn_rnn_fp32_precision']}, of matmuls "
-                  f"{meta['matmul_fp32_precision']}; host {meta['cpu']}")
-    else:
-        device = f"CPU: {meta['cpu']} ({meta['logical_cpus']} logical CPUs)"
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def format_seconds(seconds: float) -> str:
+    return f"{seconds:.3g} s" if seconds >= 1 else f"{seconds * 1e3:.3g} ms"
+
+
+def header(meta: dict, args: argparse.Namespace, settings: Settings, onnxruntime) -> str:
+    cpu = (f"{meta['cpu']}, {meta['logical_cpus']} logical CPUs; ISA: torch "
+           f"{meta['torch_cpu_capability']}, fused_lstm's CPU kernels "
+           f"{meta['fused_lstm_cpu_capability']}; {plural(meta['threads'], 'CPU thread')}")
     commit = f" (git {meta['git_commit']})" if meta["git_commit"] else ""
-    lines = [
-        "## fused_lstm benchmark",
-        "",
-        f"- {device}",
-        (f"- torch {meta['torch']}, {meta['threads']} CPU threads, fused_lstm "
-         f"{meta['fused_lstm']}{commit}, Python {meta['python']}; {meta['date']}"),
+    lines = ["## fused_lstm benchmark", ""]
+    if meta["device"] == "cuda":
+        lines += [
+            (f"- GPU: {meta['gpu']} ({meta['multiprocessors']} SMs, {meta['gpu_memory_gib']} "
+             f"GiB), CUDA {meta['cuda']}, cuDNN {meta['cudnn']}; float32 precision of cuDNN's "
+             f"RNNs {meta['cudnn_rnn_fp32_precision']}, of matmuls "
+             f"{meta['matmul_fp32_precision']}"),
+            f"- host CPU: {cpu}",
+        ]
+    else:
+        lines.append(f"- CPU: {cpu}")
+    lines += [
+        (f"- torch {meta['torch']}, fused_lstm {meta['fused_lstm']}{commit}, Python "
+         f"{meta['python']}; {meta['date']}"),
         (f"- {args.layers} layer{'s' if args.layers > 1 else ''}, "
          f"{'bidirectional' if args.bidirectional else 'one direction'}, time-major input, "
          "no initial state; fwd: inference under no_grad; fwd+bwd: a training step (forward, "
          "gradients of the input and of every parameter)"),
         (f"- times: median ms per call over {settings.rounds} interleaved rounds "
-         "(torch.utils.benchmark); speed-up: median over rounds of the other's time divided "
-         "by FusedLSTM's (above 1: FusedLSTM is faster)"),
+         "(torch.utils.benchmark), the rounds' interquartile range in brackets; speed-up: "
+         "the other's median time divided by FusedLSTM's (above 1: FusedLSTM is faster)"),
     ]
+    if args.loop == "never":
+        lines.append("- Python loop: not timed (--loop never)")
+    else:
+        rule = ("timed in every case" if args.loop == "always" else
+                f"timed where that estimate is at most {format_seconds(loop_limit_s(settings))} "
+                f"(a case calls it about {settings.rounds + LOOP_EXTRA_CALLS} times, within "
+                f"{format_seconds(settings.loop_budget_s)}), else skipped")
+        lines.append(f"- Python loop (--loop {args.loop}): its time per call is estimated from "
+                     f"the median of {LOOP_PROBE_CALLS} calls of its first {LOOP_PROBE_STEPS} "
+                     f"steps, scaled to T; {rule}")
+    if onnxruntime is not None:
+        lines.append(
+            f"- onnxruntime {meta['onnxruntime']} (CPU inference, {' and '.join(ORT_DTYPES)}): "
+            "the ONNX export of the same nn.LSTM (torch.onnx.export, its LSTM operator), "
+            f"{plural(meta['threads'], 'intra-op thread')}, spinning off, outputs held to "
+            "FusedLSTM's check; min(nn.LSTM, onnxruntime): the faster of the two")
+    elif args.device == "cpu" and "fwd" in MODES[args.mode]:
+        lines.append("- onnxruntime: " + ("left out (--no-onnxruntime)" if not args.onnxruntime
+                     else "not installed (pip install onnxruntime onnx onnxscript)"))
     if meta["device"] == "cuda":
         lines.append("- train peak MiB: torch.cuda.max_memory_allocated() during one training "
                      "step, less what was allocated before it")
@@ -494,13 +686,26 @@ def header(meta: dict, args: argparse.Namespace, settings: Settings) -> str:
     return "\n".join(lines)
 
 
+def decimals(ms: float) -> int:
+    """Decimals that print ``ms`` to four significant digits."""
+    return max(0, 3 - math.floor(math.log10(ms))) if ms > 0 else 3
+
+
+def time_heading(key: str) -> str:
+    base, graph, _ = key.partition("_graph")
+    return f"{LABELS[base]}{' graph' if graph else ''} ms (IQR)"
+
+
 def format_ms(row: dict, key: str) -> str:
     if f"{key}_capture_error" in row:
         return "capture failed"
-    if key == LOOP and "loop_skipped" in row:
-        return f"skipped ({row['loop_skipped']})"
+    if f"{key}_skipped" in row:
+        return f"skipped ({row[f'{key}_skipped']})"
     value = row.get(f"{key}_ms")
-    return "–" if value is None else f"{value:.3f}"
+    if value is None:
+        return "–"
+    places = decimals(value)
+    return f"{value:.{places}f} ({row[f'{key}_iqr_ms']:.{places}f})"
 
 
 def format_ratio(value: float | None) -> str:
@@ -508,22 +713,26 @@ def format_ratio(value: float | None) -> str:
 
 
 def markdown_table(rows: list[dict], device: str, graph: bool) -> str:
-    columns = ["shape", "T, B, I, H", "dtype", "mode", "Python loop ms", "nn.LSTM ms",
-               "FusedLSTM ms", "speed-up vs nn.LSTM", "speed-up vs loop"]
+    with_ort = any(f"{ORT}_ms" in row or f"{ORT}_skipped" in row for row in rows)
+    timed = [LOOP, NN_LSTM] + ([ORT] if with_ort else []) + [FUSED]
+    speedups = ["speedup_vs_nn_lstm"]
+    if with_ort:
+        speedups += ["speedup_vs_onnxruntime", "speedup_vs_fastest_library"]
+    speedups.append("speedup_vs_loop")
     if graph:
-        columns += ["nn.LSTM graph ms", "FusedLSTM graph ms", "graph speed-up vs nn.LSTM"]
+        timed += [f"{NN_LSTM}_graph", f"{FUSED}_graph"]
+        speedups.append("graph_speedup_vs_nn_lstm")
+    columns = (["shape", "T, B, I, H", "dtype", "mode"] + [time_heading(key) for key in timed]
+               + [SPEEDUPS[name][2] for name in speedups])
     memory = device == "cuda" and any(row["mode"] == "fwdbwd" for row in rows)
     if memory:
         columns += [f"train peak MiB {LABELS[key]}" for key in (LOOP, NN_LSTM, FUSED)]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = [row["shape"], f"{row['T']}, {row['B']}, {row['I']}, {row['H']}", row["dtype"],
-                 MODE_LABELS[row["mode"]], format_ms(row, LOOP), format_ms(row, NN_LSTM),
-                 format_ms(row, FUSED), format_ratio(row.get("speedup_vs_nn_lstm")),
-                 format_ratio(row.get("speedup_vs_loop"))]
-        if graph:
-            cells += [format_ms(row, f"{NN_LSTM}_graph"), format_ms(row, f"{FUSED}_graph"),
-                      format_ratio(row.get("graph_speedup_vs_nn_lstm"))]
+                 MODE_LABELS[row["mode"]]]
+        cells += [format_ms(row, key) for key in timed]
+        cells += [format_ratio(row.get(name)) for name in speedups]
         if memory:
             cells += [f"{row[f'{key}_peak_mib']:.1f}" if f"{key}_peak_mib" in row else "–"
                       for key in (LOOP, NN_LSTM, FUSED)]
@@ -550,9 +759,30 @@ def write_results(out: Path, meta: dict, args: argparse.Namespace, rows: list[di
     plot(out / "speedups.png", meta, rows)
 
 
+# The speed-ups plotted, one row of panels each, where any case has them.
+PLOTTED = [("speedup_vs_nn_lstm", "over nn.LSTM"),
+           ("speedup_vs_fastest_library", "over min(nn.LSTM, onnxruntime)"),
+           ("speedup_vs_loop", "over the Python loop")]
+FASTER, SLOWER = "#2e7d32", "#c62828"
+HATCHES = ["", "//", "..", "xx"]  # one per dtype, in the order of --dtype
+
+
+def speedup_ticks(bottom: float, top: float) -> list[float]:
+    """Ticks of a log axis from bottom to top: 1, and up to four on either side of it that
+    are not crowded against it."""
+    span = math.log(top / bottom)
+    ticks = [1.0]
+    for power, limit in ((1, top), (-1, 1 / bottom)):
+        steps = [c for c in (1.1, 1.25, 1.5, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000)
+                 if c <= limit and math.log(c) >= 0.08 * span]
+        ticks += [c**power for c in steps[::math.ceil(len(steps) / 4) or 1]]
+    return sorted(ticks)
+
+
 def plot(path: Path, meta: dict, rows: list[dict]) -> None:
-    """FusedLSTM's speed-ups by shape: over nn.LSTM (top) and over the loop (bottom), one
-    column per mode, one bar per dtype."""
+    """FusedLSTM's speed-ups as bars from 1x on a log axis (up and green: faster; down and
+    red: slower): one row of panels per baseline, one panel per mode, the shapes along x,
+    one bar per dtype in each shape's group."""
     try:
         import matplotlib
     except ImportError:
@@ -561,42 +791,74 @@ def plot(path: Path, meta: dict, rows: list[dict]) -> None:
         return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
+    from matplotlib import ticker
+    from matplotlib.patches import Patch
 
     modes = list(dict.fromkeys(row["mode"] for row in rows))
-    shapes = list(dict.fromkeys(row["shape"] for row in rows))
+    shapes = {row["shape"]: f"{row['T']}, {row['B']}, {row['I']}, {row['H']}" for row in rows}
     dtypes = list(dict.fromkeys(row["dtype"] for row in rows))
-    baselines = [("speedup_vs_nn_lstm", "over nn.LSTM"),
-                 ("speedup_vs_loop", "over the Python loop")]
+    baselines = [(key, text) for key, text in PLOTTED if any(key in row for row in rows)]
     by_case = {(row["shape"], row["dtype"], row["mode"]): row for row in rows}
-    figure, axes = plt.subplots(len(baselines), len(modes), squeeze=False,
-                                figsize=(max(7.0, 1.5 * len(shapes) * len(modes) + 2), 8))
     width = 0.8 / len(dtypes)
-    times = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}×")
+    figure, axes = plt.subplots(
+        len(baselines), len(modes), squeeze=False,
+        figsize=(max(6.0, (0.7 * len(shapes) * len(dtypes) + 1.5) * len(modes)),
+                 3.2 * len(baselines) + 1.3))
     for (key, baseline), axes_row in zip(baselines, axes):
         for mode, ax in zip(modes, axes_row):
-            for k, dtype in enumerate(dtypes):
-                values = [by_case.get((shape, dtype, mode), {}).get(key, math.nan)
-                          for shape in shapes]
-                bars = ax.bar([i + (k - (len(dtypes) - 1) / 2) * width for i in range(len(shapes))],
-                              values, width, label=dtype)
-                ax.bar_label(bars, [f"{v:.2f}" if math.isfinite(v) else "" for v in values],
-                             fontsize=7)
-            ax.axhline(1.0, color="black", linewidth=0.8)
+            bars = []  # (x, dtype's index, speed-up)
+            for i, shape in enumerate(shapes):
+                for k, dtype in enumerate(dtypes):
+                    value = by_case.get((shape, dtype, mode), {}).get(key)
+                    if value is not None:
+                        bars.append((i + (k - (len(dtypes) - 1) / 2) * width, k, value))
+            title = f"{MODE_LABELS[mode]}: FusedLSTM's speed-up {baseline}"
+            if not bars:
+                ax.set_axis_off()
+                ax.text(0.5, 0.5, f"{MODE_LABELS[mode]}, speed-up {baseline}:\nnot measured",
+                        ha="center", va="center", transform=ax.transAxes, fontsize=9,
+                        color="grey")
+                continue
+            # Room on both sides of 1 whatever the bars, and above and below them for labels.
+            values = [value for _, _, value in bars]
+            bottom, top = min(1 / 1.5, min(values) / 1.6), max(1.5, max(values) * 1.6)
             ax.set_yscale("log")
-            ax.yaxis.set_major_formatter(times)
-            ax.yaxis.set_minor_formatter(times)
-            ax.tick_params(axis="y", which="both", labelsize=7)
-            ax.set_xticks(range(len(shapes)), shapes)
-            ax.set_title(MODE_LABELS[mode], fontsize=10)
-            ax.set_ylabel(f"FusedLSTM's speed-up {baseline}", fontsize=9)
-            ax.margins(y=0.1)
-    device = meta.get("gpu") if meta["device"] == "cuda" else meta["cpu"]
-    figure.suptitle(f"{device}, torch {meta['torch']}, {meta['threads']} CPU threads, "
-                    f"{meta['date']}", fontsize=10)
-    figure.legend(*axes[0][0].get_legend_handles_labels(), loc="upper center", ncol=len(dtypes),
-                  bbox_to_anchor=(0.5, 0.96), fontsize=8)
-    figure.tight_layout(rect=(0, 0, 1, 0.93))
+            ax.set_ylim(bottom, top)
+            for x, k, value in bars:
+                faster = value >= 1
+                ax.bar(x, value - 1, width * 0.9, bottom=1, color=FASTER if faster else SLOWER,
+                       hatch=HATCHES[k % len(HATCHES)], edgecolor="white", linewidth=0)
+                ax.annotate(f"{value:.2f}×", (x, value), xytext=(0, 2 if faster else -2),
+                            textcoords="offset points", ha="center",
+                            va="bottom" if faster else "top", fontsize=7)
+            ax.axhline(1.0, color="black", linewidth=0.8)
+            ax.yaxis.set_major_locator(ticker.FixedLocator(speedup_ticks(bottom, top)))
+            ax.yaxis.set_minor_locator(ticker.NullLocator())
+            ax.yaxis.set_major_formatter(ticker.FuncFormatter(
+                lambda v, _: f"{v:g}×" if v >= 1 else f"{v:.2g}×"))
+            ax.tick_params(axis="y", labelsize=7)
+            ax.set_xticks(range(len(shapes)), [f"{name}\n({dims})" for name, dims in
+                                               shapes.items()], fontsize=7)
+            ax.set_xlim(-0.6, len(shapes) - 0.4)
+            ax.set_title(title, fontsize=9)
+            ax.set_ylabel("speed-up (log scale)", fontsize=8)
+    if meta["device"] == "cuda":
+        device = f"{meta['gpu']}, CUDA {meta['cuda']}"
+    else:
+        device = (f"{meta['cpu']}, {meta['torch_cpu_capability']} "
+                  f"(fused_lstm {meta['fused_lstm_cpu_capability']}), "
+                  f"{plural(meta['threads'], 'thread')}")
+    figure.suptitle(f"FusedLSTM's speed-ups, {meta['date']}\n{device}; torch {meta['torch']}",
+                    fontsize=9)
+    handles = [Patch(color=FASTER, label="FusedLSTM faster"),
+               Patch(color=SLOWER, label="FusedLSTM slower")]
+    if len(dtypes) > 1:
+        handles += [Patch(facecolor="white", edgecolor="black",
+                          hatch=HATCHES[k % len(HATCHES)], label=dtype)
+                    for k, dtype in enumerate(dtypes)]
+    figure.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8,
+                  bbox_to_anchor=(0.5, 1 - 0.45 / figure.get_figheight()), frameon=False)
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.75 / figure.get_figheight()))
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
@@ -606,17 +868,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     settings = timing_settings(args.device, args.quick)
-    meta = machine(args.device)
+    onnxruntime = import_onnxruntime(args)
+    meta = machine(args.device, onnxruntime)
+    print(header(meta, args, settings, onnxruntime), flush=True)
     cases = [(shape, dtype, mode) for shape in args.shapes for dtype in args.dtype
              for mode in MODES[args.mode]]
     rows = []
     with tqdm(cases, file=sys.stderr, unit="case", dynamic_ncols=True) as progress:
         for shape, dtype, mode in progress:
             progress.set_description(f"{shape.name} {dtype} {MODE_LABELS[mode]}")
-            rows.append(run_case(shape, dtype, mode, args, settings))
+            rows.append(run_case(shape, dtype, mode, args, settings, onnxruntime))
             if args.device == "cuda":
                 torch.cuda.empty_cache()
-    print(header(meta, args, settings))
     print()
     print(markdown_table(rows, args.device, args.graph))
     if args.out is not None:
