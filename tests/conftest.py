@@ -8,10 +8,11 @@ import torch
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+CUDA_SKIP = "needs a CUDA device"
 
 
 def pytest_collection_modifyitems(config, items):
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    skip = pytest.mark.skip(reason=CUDA_SKIP)
     for item in items:
         if "cuda" in item.keywords and not HAS_CUDA:
             item.add_marker(skip)
@@ -36,3 +37,14 @@ def assert_as_accurate_as(ours, theirs, reference, slack: float = 2.0):
         ulp = torch.finfo(o.dtype).eps * max(1.0, r.abs().max().item() if r.numel() else 0.0)
         ours_err, their_err = max_error(o, r), max_error(t, r)
         assert ours_err <= slack * their_err + 4 * ulp, (ours_err, their_err)
+
+
+def pytest_terminal_summary(terminalreporter):
+    # Without a GPU most of the suite's skips are the CUDA tests: say so, so that a count
+    # of skips does not read as tests that failed to run for some other reason.
+    skipped = terminalreporter.stats.get("skipped", [])
+    cuda = sum(CUDA_SKIP in str(report.longrepr) for report in skipped)
+    if cuda:
+        terminalreporter.write_line(
+            f"{cuda} of the {len(skipped)} skipped tests are CUDA tests: torch "
+            f"{torch.__version__} sees no CUDA device here (they run on a GPU machine)")
