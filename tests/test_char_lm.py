@@ -108,9 +108,21 @@ def test_summary_and_plot(small_text, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "fused  epoch 2/2  2 steps  perplexity" in out
     header, fused, nn = out.strip().splitlines()[-4:-1]
-    assert header.split()[:4] == ["model", "final", "perplexity", "tokens/s"]
-    assert fused.startswith("fused") and nn.startswith("nn") and nn.endswith("%")
+    assert header.split() == ["model", "final", "perplexity", "tokens/s", "ppl", "vs", "first"]
+    assert fused.startswith("fused") and fused.endswith("+0.00%")
+    assert nn.startswith("nn") and nn.endswith("%")
     assert plot.stat().st_size > 0
+
+
+def test_legend_says_which_curves_coincide():
+    def run(model, losses):
+        return char_lm.Run(model, losses=losses)
+
+    fused, nn, loop = run("fused", [3.3, 3.1]), run("nn", [3.3001, 3.1]), run("loop", [3.3, 2.9])
+    assert char_lm.legend_labels([fused, nn, loop]) == [
+        "fused: FusedLSTM", "nn: LSTM (on fused's curve)", "loop: ReferenceLSTM"]
+    assert char_lm.legend_labels([loop, fused, nn]) == [
+        "loop: ReferenceLSTM", "fused: FusedLSTM", "nn: LSTM (on fused's curve)"]
 
 
 def _error(argv, capsys):
