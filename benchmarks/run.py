@@ -760,22 +760,23 @@ def write_results(out: Path, meta: dict, args: argparse.Namespace, rows: list[di
 
 
 # The speed-ups plotted, one row of panels each, where any case has them.
-PLOTTED = [("speedup_vs_nn_lstm", "over nn.LSTM"),
-           ("speedup_vs_fastest_library", "over min(nn.LSTM, onnxruntime)"),
-           ("speedup_vs_loop", "over the Python loop")]
+PLOTTED = [("speedup_vs_nn_lstm", "nn.LSTM"),
+           ("speedup_vs_fastest_library", "min(nn.LSTM, onnxruntime)"),
+           ("speedup_vs_loop", "the Python loop")]
 FASTER, SLOWER = "#2e7d32", "#c62828"
 HATCHES = ["", "//", "..", "xx"]  # one per dtype, in the order of --dtype
 
 
 def speedup_ticks(bottom: float, top: float) -> list[float]:
-    """Ticks of a log axis from bottom to top: 1, and up to four on either side of it that
-    are not crowded against it."""
+    """Ticks of a log axis from bottom to top (at most 1 / 1.5 and at least 1.5): 1, and
+    on either side of it up to four that are not crowded against it, at least one."""
     span = math.log(top / bottom)
+    candidates = (1.1, 1.25, 1.5, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000)
     ticks = [1.0]
     for power, limit in ((1, top), (-1, 1 / bottom)):
-        steps = [c for c in (1.1, 1.25, 1.5, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000)
-                 if c <= limit and math.log(c) >= 0.08 * span]
-        ticks += [c**power for c in steps[::math.ceil(len(steps) / 4) or 1]]
+        within = [c for c in candidates if c <= limit * (1 + 1e-9)]
+        steps = [c for c in within if math.log(c) >= 0.08 * span] or within[-1:]
+        ticks += [c**power for c in steps[::math.ceil(len(steps) / 4)]]
     return sorted(ticks)
 
 
@@ -802,22 +803,24 @@ def plot(path: Path, meta: dict, rows: list[dict]) -> None:
     width = 0.8 / len(dtypes)
     figure, axes = plt.subplots(
         len(baselines), len(modes), squeeze=False,
-        figsize=(max(6.0, (0.7 * len(shapes) * len(dtypes) + 1.5) * len(modes)),
-                 3.2 * len(baselines) + 1.3))
+        figsize=(max(4.5, 0.7 * len(shapes) * len(dtypes) + 1.5) * len(modes),
+                 3.2 * len(baselines) + 1.0))
     for (key, baseline), axes_row in zip(baselines, axes):
         for mode, ax in zip(modes, axes_row):
-            bars = []  # (x, dtype's index, speed-up)
+            bars, missing = [], []  # (x, dtype's index, speed-up); x of cases without one
             for i, shape in enumerate(shapes):
                 for k, dtype in enumerate(dtypes):
+                    x = i + (k - (len(dtypes) - 1) / 2) * width
                     value = by_case.get((shape, dtype, mode), {}).get(key)
                     if value is not None:
-                        bars.append((i + (k - (len(dtypes) - 1) / 2) * width, k, value))
-            title = f"{MODE_LABELS[mode]}: FusedLSTM's speed-up {baseline}"
+                        bars.append((x, k, value))
+                    elif (shape, dtype, mode) in by_case:
+                        missing.append(x)
+            title = f"{MODE_LABELS[mode]}: speed-up over {baseline}"
             if not bars:
                 ax.set_axis_off()
-                ax.text(0.5, 0.5, f"{MODE_LABELS[mode]}, speed-up {baseline}:\nnot measured",
-                        ha="center", va="center", transform=ax.transAxes, fontsize=9,
-                        color="grey")
+                ax.text(0.5, 0.5, f"{title}:\nnot measured", ha="center", va="center",
+                        transform=ax.transAxes, fontsize=9, color="grey")
                 continue
             # Room on both sides of 1 whatever the bars, and above and below them for labels.
             values = [value for _, _, value in bars]
@@ -831,6 +834,9 @@ def plot(path: Path, meta: dict, rows: list[dict]) -> None:
                 ax.annotate(f"{value:.2f}×", (x, value), xytext=(0, 2 if faster else -2),
                             textcoords="offset points", ha="center",
                             va="bottom" if faster else "top", fontsize=7)
+            for x in missing:
+                ax.annotate("not timed", (x, 1.0), xytext=(0, 2), textcoords="offset points",
+                            ha="center", va="bottom", fontsize=6, color="grey")
             ax.axhline(1.0, color="black", linewidth=0.8)
             ax.yaxis.set_major_locator(ticker.FixedLocator(speedup_ticks(bottom, top)))
             ax.yaxis.set_minor_locator(ticker.NullLocator())
@@ -841,7 +847,7 @@ def plot(path: Path, meta: dict, rows: list[dict]) -> None:
                                                shapes.items()], fontsize=7)
             ax.set_xlim(-0.6, len(shapes) - 0.4)
             ax.set_title(title, fontsize=9)
-            ax.set_ylabel("speed-up (log scale)", fontsize=8)
+            ax.set_ylabel("FusedLSTM's speed-up (log scale)", fontsize=8)
     if meta["device"] == "cuda":
         device = f"{meta['gpu']}, CUDA {meta['cuda']}"
     else:
@@ -857,8 +863,8 @@ def plot(path: Path, meta: dict, rows: list[dict]) -> None:
                           hatch=HATCHES[k % len(HATCHES)], label=dtype)
                     for k, dtype in enumerate(dtypes)]
     figure.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8,
-                  bbox_to_anchor=(0.5, 1 - 0.45 / figure.get_figheight()), frameon=False)
-    figure.tight_layout(rect=(0, 0, 1, 1 - 0.75 / figure.get_figheight()))
+                  bbox_to_anchor=(0.5, 1 - 0.42 / figure.get_figheight()), frameon=False)
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.62 / figure.get_figheight()))
     figure.savefig(path, dpi=120)
     plt.close(figure)
 

@@ -202,7 +202,7 @@ def test_loop_estimate_is_a_median_of_short_calls():
 
 
 def test_speedup_ticks_straddle_one():
-    for bottom, top in [(1 / 1.5, 1.5), (0.1, 1.5), (1 / 1.5, 40), (0.01, 200)]:
+    for bottom, top in [(1 / 1.5, 1.5), (0.1, 1.5), (1 / 1.5, 40), (0.01, 200), (0.006, 1.5)]:
         ticks = run.speedup_ticks(bottom, top)
         assert 1.0 in ticks and all(bottom <= t <= top for t in ticks)
         assert any(t > 1 for t in ticks) and any(t < 1 for t in ticks)
