@@ -22,12 +22,12 @@ speed-up printed is the quotient of the two times printed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import datetime
-import json
-import contextlib
 import io
+import json
 import logging
 import math
 import os
