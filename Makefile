@@ -10,8 +10,10 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 SOURCES := $(wildcard Makefile setup.py pyproject.toml csrc/*.* csrc/cpu/*.* csrc/cuda/*.*)
 
-# $(call logged,COMMAND,LOG): COMMAND's output into LOG, and its last lines on failure.
-logged = $(1) > $(2) 2>&1 || { tail -n 60 $(2); echo "make: that failed; all of its output is in $(2)"; exit 1; }
+# $(call logged,COMMAND,LOG): COMMAND's output into LOG; on failure, the compiler's errors
+# in it (pip prints them mid-log, under its own traceback) and its last lines.
+logged = $(1) > $(2) 2>&1 || { grep -E -A5 ': (fatal )?error:' $(2) | head -n 40; tail -n 25 $(2); \
+	echo "make: that failed; all of its output is in $(2)"; exit 1; }
 
 .PHONY: bench test clean
 
