@@ -10,7 +10,8 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pack_sequence, pad_packed_sequence
 
 from fused_lstm import FusedLSTM
-from conftest import assert_as_accurate_as, max_error
+from fused_lstm.testing import compare_with_nn_lstm
+from conftest import max_error
 
 CONFIGS = [
     dict(),
@@ -117,21 +118,17 @@ def test_odd_sizes(H, B, T):
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(num_layers=2, bidirectional=True),
                                     dict(proj_size=4)], ids=str)
-def test_float32_as_accurate_as_nn_lstm(kwargs):
-    lstm, fused = pair(32, 48, dtype=torch.float32, **kwargs)
-    reference = copy.deepcopy(lstm).double()
-    x = torch.randn(40, 8, 32)
-    with torch.no_grad():
-        ours = [fused(x)[0], *fused(x)[1]]
-        theirs = [lstm(x)[0], *lstm(x)[1]]
-        exact = [reference(x.double())[0], *reference(x.double())[1]]
-    assert_as_accurate_as(ours, theirs, exact)
-    xg = x.clone().requires_grad_()
-    ours = torch.autograd.grad(fused(xg)[0].pow(2).sum(), [xg, *fused.parameters()])
-    theirs = torch.autograd.grad(lstm(xg)[0].pow(2).sum(), [xg, *lstm.parameters()])
-    xd = x.double().requires_grad_()
-    exact = torch.autograd.grad(reference(xd)[0].pow(2).sum(), [xd, *reference.parameters()])
-    assert_as_accurate_as(ours, theirs, exact)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_as_accurate_as_nn_lstm(kwargs, dtype):
+    """Outputs and every gradient against the float64 run, at most twice nn.LSTM's error at
+    the dtype plus rounding (fused_lstm.testing; nn.LSTM's CPU kernel runs bfloat16 and
+    float16 itself)."""
+    _, fused = pair(32, 48, dtype=dtype, **kwargs)
+    hx = initial_state(fused, 8, dtype)
+    report = compare_with_nn_lstm(fused, torch.randn(40, 8, 32, dtype=dtype), hx)
+    assert len(report) == 6 + len(list(fused.parameters()))  # output, h_n, c_n, 3 inputs
+    failed = [str(e) for e in report if not e.ok]
+    assert not failed, failed
 
 
 def test_dropout_applies_between_layers_in_training_only():
