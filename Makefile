@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 SOURCES := $(wildcard Makefile setup.py pyproject.toml csrc/*.* csrc/cpu/*.* csrc/cuda/*.*)
 
-.PHONY: bench test clean
+.PHONY: bench test test-isa clean
 
 $(VENV)/.built: $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ bench: $(VENV)/.built
 
 test: $(VENV)/.built
 	$(PY) -m pytest -q $(ARGS) tests
+
+# The kernel tests again under each CPU kernel variant below this machine's best.
+test-isa: $(VENV)/.built
+	PYTHON=$(PY) bash .ci/cpu_variants.sh
 
 clean:
 	rm -rf $(VENV) build fused_lstm/*.so *.egg-info
