@@ -255,7 +255,6 @@ def test_surface_matches_nn_lstm():
         for name in ("input_size", "hidden_size", "num_layers", "bias", "batch_first",
                      "dropout", "bidirectional", "proj_size", "mode"):
             assert getattr(fused, name) == getattr(lstm, name)
-    assert fused.flatten_parameters() is None
 
 
 def test_from_lstm_copies_configuration_weights_and_mode():
