@@ -320,9 +320,9 @@ def check_outputs(label: str, names: list[str], ours, theirs, reference,
                 f"{e.theirs:.3g}, allowed {bound:.3g} ({rule}); an error is the largest "
                 "difference from nn.LSTM's float64 run (from nn.LSTM's own, in float64)"
             )
-    tightest = max(zip(report, allowed), key=lambda pair: pair[0].ours / pair[1] if pair[1] else 0.0)
-    return {"fused_max_error": tightest[0].ours, "nn_lstm_max_error": tightest[0].theirs,
-            "allowed_error": tightest[1]}
+    tightest, bound = max(zip(report, allowed), key=lambda e: e[0].ours / e[1] if e[1] else 0.0)
+    return {"fused_max_error": tightest.ours, "nn_lstm_max_error": tightest.theirs,
+            "allowed_error": bound}
 
 
 def _max_difference(a: Tensor, b: Tensor) -> float:
