@@ -15,7 +15,7 @@ SOURCES := $(wildcard Makefile setup.py pyproject.toml csrc/*.* csrc/cpu/*.* csr
 logged = $(1) > $(2) 2>&1 || { grep -E -A5 ': (fatal )?error:' $(2) | head -n 40; tail -n 25 $(2); \
 	echo "make: that failed; all of its output is in $(2)"; exit 1; }
 
-.PHONY: bench test clean
+.PHONY: bench test test-isa clean
 
 $(VENV)/.built: $(SOURCES)
 	@if test -x $(PY); then echo "make: [venv] using $(VENV)"; \
@@ -34,6 +34,10 @@ bench: $(VENV)/.built
 test: $(VENV)/.built
 	@echo "make: [run] pytest tests $(ARGS)"
 	@$(PY) -m pytest -q $(ARGS) tests
+
+# The kernel tests again under each CPU kernel variant below this machine's best.
+test-isa: $(VENV)/.built
+	PYTHON=$(PY) bash .ci/cpu_variants.sh
 
 clean:
 	rm -rf $(VENV) build fused_lstm/*.so *.egg-info

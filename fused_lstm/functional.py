@@ -110,7 +110,8 @@ def lstm(
     ``h0``/``c0`` are ``[num_layers * D, B, *]`` and ``weights`` holds one
     :data:`LayerWeights` per layer and direction, in nn.LSTM's order (layer-major,
     forward before reverse). Dropout applies to the outputs of every layer but the last,
-    in training. Returns ``output [T, B, D * P]``, ``h_n``, ``c_n``.
+    in training, drawn as nn.LSTM draws it (on the packed data with batch_sizes). Returns
+    ``output [T, B, D * P]``, ``h_n``, ``c_n``.
     """
     directions = 2 if bidirectional else 1
     h_n: list[Tensor] = []
@@ -127,8 +128,20 @@ def lstm(
             c_n.append(c)
         x = outputs[0] if directions == 1 else torch.cat(outputs, 2)
         if dropout > 0 and training and layer_index < num_layers - 1:
-            x = F.dropout(x, dropout, training=True)
+            x = _dropout(x, dropout, batch_sizes)
     return x, torch.stack(h_n), torch.stack(c_n)
+
+
+def _dropout(x: Tensor, p: float, batch_sizes: Tensor | None) -> Tensor:
+    """Inter-layer dropout as nn.LSTM draws it: on the ``[T, B, F]`` tensor, or with
+    batch_sizes on the packed data ``[N, F]`` (aten/src/ATen/native/RNN.cpp drops out the
+    packed outputs), so that the same seed zeroes the same values and leaves the random
+    state where nn.LSTM leaves it."""
+    if batch_sizes is None:
+        return F.dropout(x, p, training=True)
+    positions = packed_positions(batch_sizes).to(x.device)
+    data = F.dropout(padded_to_packed(x, positions), p, training=True)
+    return packed_to_padded(data, batch_sizes, positions)
 
 
 def packed_positions(batch_sizes: Tensor) -> Tensor:

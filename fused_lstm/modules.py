@@ -303,6 +303,7 @@ class FusedLSTM(nn.Module):
         batch_sizes = sorted_indices = unsorted_indices = None
         if packed:
             input, batch_sizes, sorted_indices, unsorted_indices = input
+            _check_batch_sizes(batch_sizes, input)
         elif input.dim() not in (2, 3):
             raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
         batched = packed or input.dim() == 3
@@ -359,6 +360,33 @@ class FusedLSTM(nn.Module):
             output = output.squeeze(batch_dim)
             h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
         return output, (h_n, c_n)
+
+
+def _check_batch_sizes(batch_sizes: Tensor, data: Tensor) -> None:
+    """A hand-built PackedSequence's batch_sizes, with the exception types nn.LSTM raises
+    for each fault (pack_sequence never makes these). nn.LSTM runs two malformed cases
+    without an error, where it ignores data rows past sum(batch_sizes) or runs steps of no
+    rows (zero entries): those are refused too, as RuntimeError."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return
+    if batch_sizes.device.type != "cpu":
+        raise RuntimeError(f"batch_sizes must be on the CPU, got it on {batch_sizes.device}")
+    if batch_sizes.dim() != 1 or batch_sizes.is_floating_point():
+        raise TypeError(f"batch_sizes must be a 1-D tensor of int64, got {batch_sizes.dtype} "
+                        f"of shape {list(batch_sizes.shape)}")
+    if batch_sizes.dtype != torch.int64:
+        raise RuntimeError(f"batch_sizes must be int64, got {batch_sizes.dtype}")
+    sizes = batch_sizes.tolist()
+    for t in range(1, len(sizes)):
+        if sizes[t] > sizes[t - 1]:
+            raise RuntimeError(f"batch_sizes must be non-increasing, got {sizes[t]} at step {t} "
+                               f"after {sizes[t - 1]}")
+    if sizes and sizes[-1] <= 0:
+        raise RuntimeError(
+            f"batch_sizes must be positive, got {sizes[-1]} at step {len(sizes) - 1}")
+    if data.dim() >= 1 and sum(sizes) != data.size(0):
+        raise RuntimeError(f"the packed data has {data.size(0)} rows, batch_sizes sum to "
+                           f"{sum(sizes)}")
 
 
 def _autocast_eligible(t: Tensor) -> bool:

@@ -6,6 +6,8 @@ import zlib
 import pytest
 import torch
 
+from fused_lstm.testing import assert_as_accurate_as  # noqa: F401  (the rule, for every test file)
+
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 CUDA_SKIP = "needs a CUDA device"
@@ -27,16 +29,6 @@ def _seed(request):
 
 def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
-
-
-def assert_as_accurate_as(ours, theirs, reference, slack: float = 2.0):
-    """Our error against the float64 reference is at most `slack` times the error of the
-    other implementation (nn.LSTM) at the same dtype, plus a few units of rounding of the
-    values' own size (so that an exact-by-chance nn.LSTM does not demand the impossible)."""
-    for o, t, r in zip(ours, theirs, reference):
-        ulp = torch.finfo(o.dtype).eps * max(1.0, r.abs().max().item() if r.numel() else 0.0)
-        ours_err, their_err = max_error(o, r), max_error(t, r)
-        assert ours_err <= slack * their_err + 4 * ulp, (ours_err, their_err)
 
 
 def pytest_terminal_summary(terminalreporter):

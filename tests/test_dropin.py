@@ -61,15 +61,31 @@ def test_whole_model_loads_with_weights_only_trusting_only_the_users_classes(tmp
         assert torch.equal(torch.load(path)(x)[0], expected[0])
 
 
-def test_flatten_parameters_after_loading_changes_nothing(tmp_path):
-    lstm = FusedLSTM(3, 5, num_layers=2)
-    torch.save(lstm, tmp_path / "lstm.pt")
-    loaded = torch.load(tmp_path / "lstm.pt")
-    before = [(name, p.data_ptr(), p.clone()) for name, p in loaded.named_parameters()]
-    loaded.flatten_parameters()
-    after = list(loaded.named_parameters())
-    assert [(n, ptr) for n, ptr, _ in before] == [(n, p.data_ptr()) for n, p in after]
-    assert all(torch.equal(v, p) for (_, _, v), (_, p) in zip(before, after))
+def test_flatten_parameters_after_loading_then_training_matches_nn_lstm(tmp_path):
+    """A script written for cuDNN calls flatten_parameters() after loading a model and
+    before each forward, and trains: FusedLSTM ends with the parameters and outputs that
+    nn.LSTM ends with."""
+    lstm = nn.LSTM(3, 5, num_layers=2, **F64)
+    fused = FusedLSTM.from_lstm(lstm)
+    x = torch.randn(4, 2, 3, **F64)
+    trained = []
+    for model in (lstm, fused):
+        torch.save(model, tmp_path / "model.pt")
+        with torch.serialization.safe_globals([nn.LSTM]):
+            loaded = torch.load(tmp_path / "model.pt")
+        loaded.flatten_parameters()
+        optimizer = torch.optim.SGD(loaded.parameters(), lr=0.5)
+        for _ in range(2):
+            loaded.flatten_parameters()
+            optimizer.zero_grad()
+            loaded(x)[0].pow(2).sum().backward()
+            optimizer.step()
+        trained.append(loaded)
+    theirs, ours = trained
+    assert not torch.equal(theirs.weight_hh_l1, lstm.weight_hh_l1)  # the steps moved it
+    for (n1, p1), (n2, p2) in zip(theirs.named_parameters(), ours.named_parameters()):
+        assert n1 == n2 and max_error(p1, p2) < 1e-12
+    assert max_error(ours(x)[0], theirs(x)[0]) < 1e-12
 
 
 def test_state_dict_save_load_and_deepcopy(tmp_path):

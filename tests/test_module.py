@@ -7,10 +7,12 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pack_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import (PackedSequence, pack_padded_sequence, pack_sequence,
+                                pad_packed_sequence)
 
 from fused_lstm import FusedLSTM
-from conftest import assert_as_accurate_as, max_error
+from fused_lstm.testing import compare_with_nn_lstm
+from conftest import max_error
 
 CONFIGS = [
     dict(),
@@ -117,21 +119,17 @@ def test_odd_sizes(H, B, T):
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(num_layers=2, bidirectional=True),
                                     dict(proj_size=4)], ids=str)
-def test_float32_as_accurate_as_nn_lstm(kwargs):
-    lstm, fused = pair(32, 48, dtype=torch.float32, **kwargs)
-    reference = copy.deepcopy(lstm).double()
-    x = torch.randn(40, 8, 32)
-    with torch.no_grad():
-        ours = [fused(x)[0], *fused(x)[1]]
-        theirs = [lstm(x)[0], *lstm(x)[1]]
-        exact = [reference(x.double())[0], *reference(x.double())[1]]
-    assert_as_accurate_as(ours, theirs, exact)
-    xg = x.clone().requires_grad_()
-    ours = torch.autograd.grad(fused(xg)[0].pow(2).sum(), [xg, *fused.parameters()])
-    theirs = torch.autograd.grad(lstm(xg)[0].pow(2).sum(), [xg, *lstm.parameters()])
-    xd = x.double().requires_grad_()
-    exact = torch.autograd.grad(reference(xd)[0].pow(2).sum(), [xd, *reference.parameters()])
-    assert_as_accurate_as(ours, theirs, exact)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_as_accurate_as_nn_lstm(kwargs, dtype):
+    """Outputs and every gradient against the float64 run, at most twice nn.LSTM's error at
+    the dtype plus rounding (fused_lstm.testing; nn.LSTM's CPU kernel runs bfloat16 and
+    float16 itself)."""
+    _, fused = pair(32, 48, dtype=dtype, **kwargs)
+    hx = initial_state(fused, 8, dtype)
+    report = compare_with_nn_lstm(fused, torch.randn(40, 8, 32, dtype=dtype), hx)
+    assert len(report) == 6 + len(list(fused.parameters()))  # output, h_n, c_n, 3 inputs
+    failed = [str(e) for e in report if not e.ok]
+    assert not failed, failed
 
 
 def test_dropout_applies_between_layers_in_training_only():
@@ -258,7 +256,6 @@ def test_surface_matches_nn_lstm():
         for name in ("input_size", "hidden_size", "num_layers", "bias", "batch_first",
                      "dropout", "bidirectional", "proj_size", "mode"):
             assert getattr(fused, name) == getattr(lstm, name)
-    assert fused.flatten_parameters() is None
 
 
 def test_from_lstm_copies_configuration_weights_and_mode():
@@ -350,3 +347,75 @@ def test_autocast_leaves_float64_alone():
         out, (h, c) = fused(x)
     assert out.dtype == h.dtype == c.dtype == torch.float64
     assert max_error(out, lstm(x)[0]) < 1e-12
+
+
+@pytest.mark.parametrize("layers,bidirectional", list(itertools.product([2, 3], [False, True])))
+@pytest.mark.parametrize("packed", [True, False])
+def test_training_dropout_draws_what_nn_lstm_draws(layers, bidirectional, packed):
+    """Same seed, same dropout masks: the same outputs and gradients, and the random state
+    left where nn.LSTM leaves it (it drops out the packed data, [N, *], not a padded
+    tensor), so that swapping the class changes nothing in a training run."""
+    lstm, fused = pair(num_layers=layers, bidirectional=bidirectional, dropout=0.4)
+    lstm.train(), fused.train()
+    if packed:
+        x = pack_sequence([torch.randn(n, 4, dtype=torch.float64) for n in (3, 6, 1, 4)],
+                          enforce_sorted=False)
+        x.data.requires_grad_()
+    else:
+        x = torch.randn(6, 4, 4, dtype=torch.float64, requires_grad=True)
+    states = []
+    for module in (lstm, fused):
+        torch.manual_seed(5)
+        states.append(outputs_and_grads(module, x, None))
+        states[-1] += (torch.get_rng_state(),)
+    (o1, g1, rng1), (o2, g2, rng2) = states
+    for a, b in zip(o1 + list(g1), o2 + list(g2)):
+        assert max_error(a, b) < 1e-12
+    assert torch.equal(rng1, rng2)
+    torch.manual_seed(6)
+    assert max_error(fused(x)[0].data, o2[0]) > 1e-3  # another seed, other masks
+
+
+def bad_packed():
+    f64 = dict(dtype=torch.float64)
+    yield "increasing", torch.randn(6, 4, **f64), torch.tensor([2, 3, 1])
+    yield "fewer rows", torch.randn(4, 4, **f64), torch.tensor([3, 2, 1])
+    yield "int32", torch.randn(6, 4, **f64), torch.tensor([3, 2, 1], dtype=torch.int32)
+    yield "float", torch.randn(6, 4, **f64), torch.tensor([3.0, 2.0, 1.0])
+    yield "2-D", torch.randn(6, 4, **f64), torch.tensor([[3, 2, 1]])
+    yield "empty", torch.randn(0, 4, **f64), torch.tensor([], dtype=torch.int64)
+    yield "3-D data", torch.randn(6, 1, 4, **f64), torch.tensor([3, 2, 1])
+
+
+@pytest.mark.parametrize("name,data,batch_sizes", list(bad_packed()),
+                         ids=[b[0] for b in bad_packed()])
+def test_malformed_packed_sequence_raises_like_nn_lstm(name, data, batch_sizes):
+    lstm, fused = pair(num_layers=2)
+    with pytest.raises(Exception) as theirs:
+        lstm(PackedSequence(data, batch_sizes))
+    with pytest.raises(type(theirs.value)):
+        fused(PackedSequence(data, batch_sizes))
+
+
+@pytest.mark.parametrize("data,batch_sizes", [
+    (torch.randn(3, 4, dtype=torch.float64), torch.tensor([2, 1, 0])),
+    (torch.randn(8, 4, dtype=torch.float64), torch.tensor([3, 2, 1])),
+], ids=["zero entry", "more rows"])
+def test_malformed_packed_sequence_that_nn_lstm_runs_is_refused(data, batch_sizes):
+    """nn.LSTM runs these without an error (steps of no rows; rows past sum(batch_sizes)
+    ignored): FusedLSTM refuses them with a RuntimeError naming the fault."""
+    lstm, fused = pair()
+    lstm(PackedSequence(data, batch_sizes))
+    with pytest.raises(RuntimeError, match="batch_sizes"):
+        fused(PackedSequence(data, batch_sizes))
+
+
+def test_batch_sizes_off_the_cpu_raise_like_nn_lstm():
+    """PackedSequence's constructor refuses them; _replace (namedtuple's) does not."""
+    packed = PackedSequence(torch.randn(6, 4, dtype=torch.float64), torch.tensor([3, 2, 1]))
+    packed = packed._replace(batch_sizes=packed.batch_sizes.to("meta"))
+    lstm, fused = pair()
+    with pytest.raises(RuntimeError):
+        lstm(packed)
+    with pytest.raises(RuntimeError, match="batch_sizes must be on the CPU"):
+        fused(packed)

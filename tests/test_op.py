@@ -5,10 +5,14 @@ import sys
 
 import pytest
 import torch
+from torch import nn
+from torch.func import functional_call
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 import fused_lstm  # noqa: F401  (registers the ops)
 from fused_lstm import reference
-from conftest import max_error
+from fused_lstm.functional import packed_positions, padded_to_packed
+from conftest import assert_as_accurate_as, max_error
 
 forward = torch.ops.fused_lstm.forward
 backward = torch.ops.fused_lstm.backward
@@ -19,6 +23,9 @@ def cpu_path(request, monkeypatch):
     """Runs a test on both CPU paths of the recurrence (csrc/cpu/lstm_cpu.cpp)."""
     monkeypatch.setenv("FUSED_LSTM_CPU_PATH", request.param)
     return request.param
+
+
+ARG_NAMES = ["input", "h0", "c0", "w_ih", "w_hh", "bias", "w_hr"]
 
 
 def make_args(T, B, I, H, P=None, dtype=torch.float64, bias=True, device="cpu", scale=1.0):
@@ -77,17 +84,60 @@ def test_dead_rows_are_zero_and_state_is_last_live_step(cpu_path):
         assert torch.equal(c_n[b], cells[length - 1, b])
 
 
-@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2),
-                                         (torch.float16, 3e-3)])
+def nn_lstm_layer(args, batch_sizes, reverse):
+    """The op's outputs on nn.LSTM at the args' dtype (bias as b_ih, b_hh = 0; reverse
+    as the reverse direction of a bidirectional nn.LSTM, whose forward output is dropped),
+    as a function of the args, so that autograd gives the gradients of each."""
+    x, h0, c0, w_ih, w_hh, bias, w_hr = args
+    H, P = w_hh.shape[0] // 4, w_hh.shape[1]
+    lstm = nn.LSTM(x.shape[2], H, bias=bias is not None, proj_size=P if w_hr is not None else 0,
+                   bidirectional=reverse, device=x.device, dtype=x.dtype)
+    suffix = "_reverse" if reverse else ""
+    weights = {f"weight_ih_l0{suffix}": w_ih, f"weight_hh_l0{suffix}": w_hh}
+    if bias is not None:
+        weights.update({f"bias_ih_l0{suffix}": bias,
+                        f"bias_hh_l0{suffix}": torch.zeros_like(bias)})
+    if w_hr is not None:
+        weights[f"weight_hr_l0{suffix}"] = w_hr
+    directions = 2 if reverse else 1
+    h0, c0 = h0.expand(directions, *h0.shape), c0.expand(directions, *c0.shape)
+    if batch_sizes is not None:
+        x = PackedSequence(padded_to_packed(x, packed_positions(batch_sizes)), batch_sizes)
+    out, (h_n, c_n) = functional_call(lstm, weights, (x, (h0, c0)))
+    if batch_sizes is not None:
+        out = pad_packed_sequence(out, total_length=len(batch_sizes))[0]
+    return out[..., -P:], h_n[-1], c_n[-1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("reverse", [False, True])
-def test_forward_low_precision_against_reference(dtype, bound, reverse, cpu_path):
-    args = make_args(20, 4, 16, 33, dtype=dtype, scale=0.5)
-    (out, h_n, c_n, gates, cells), (ref_out, ref_h, ref_c) = run_both(args, None, reverse)
-    assert out.dtype == dtype and h_n.dtype == dtype and c_n.dtype == dtype
+@pytest.mark.parametrize("packed", [False, True])
+def test_low_precision_as_accurate_as_nn_lstm(dtype, reverse, packed, cpu_path):
+    """Outputs and every gradient against the float64 run on the same (rounded) values, at
+    most twice nn.LSTM's error at the dtype plus rounding (fused_lstm.testing). nn.LSTM's
+    CPU kernel runs bfloat16 and float16 itself."""
+    T, B, I, H = 20, 4, 16, 33
+    args = make_args(T, B, I, H, dtype=dtype)
+    # weights at nn.LSTM's scale, so that the recurrence neither saturates nor amplifies
+    # rounding: errors stay a steady measure of each kernel's arithmetic
+    args[3:6] = [(w.double() * H ** -0.5).to(dtype) for w in args[3:6]]
+    args = [a.requires_grad_() if a is not None else None for a in args]
+    batch_sizes = random_batch_sizes(T, B) if packed else None
+    out, h_n, c_n, gates, cells = forward(*args, batch_sizes, reverse)
+    assert out.dtype == h_n.dtype == c_n.dtype == dtype
     # gates and cells are kept in float32 for the 16-bit types
     assert gates.dtype == fused_lstm._ops.accumulate_dtype(dtype) == cells.dtype
-    for ours, ref in ((out, ref_out), (h_n, ref_h), (c_n, ref_c)):
-        assert max_error(ours, ref) / ref.abs().max().item() < bound
+    exact_args = [a.detach().double().requires_grad_() if a is not None else None for a in args]
+    cotangents = [torch.randn(t.shape, dtype=torch.float64).to(dtype) for t in (out, h_n, c_n)]
+    runs = []
+    for outputs, leaves in (((out, h_n, c_n), args),
+                            (nn_lstm_layer(args, batch_sizes, reverse), args),
+                            (nn_lstm_layer(exact_args, batch_sizes, reverse), exact_args)):
+        leaves = [a for a in leaves if a is not None]
+        grads = torch.autograd.grad(outputs, leaves, [c.to(outputs[0].dtype) for c in cotangents])
+        runs.append([t.detach() for t in outputs] + list(grads))
+    names = ["output", "h_n", "c_n"] + [f"grad of {n}" for n in ARG_NAMES[:6]]
+    assert_as_accurate_as(*runs, names)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

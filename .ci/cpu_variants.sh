@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The CPU kernels are compiled once per instruction set (csrc/cpu/kernels_*.cpp) and the
+# build torch picks at run time is the one a user's CPU gets: the portable DEFAULT build on
+# aarch64 and old x86, AVX2 or AVX-512 elsewhere. `make test` runs only this machine's best;
+# this runs the tests that exercise the kernels again under each variant below it that this
+# CPU can run (ATEN_CPU_CAPABILITY, which torch honours for every kernel it dispatches).
+# PYTHON: the interpreter with torch and fused_lstm built (default .venv/bin/python);
+# TESTS: the test files (default: the op and the module, about a minute each on 2 cores).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-.venv/bin/python}
+TESTS=${TESTS:-tests/test_op.py tests/test_module.py}
+capability() {
+  "$PYTHON" -c "import torch, fused_lstm
+print(torch.backends.cpu.get_cpu_capability(), torch.ops.fused_lstm.cpu_capability())"
+}
+read -r best _ <<< "$(capability)"
+failed=()
+for isa in default avx2 avx512; do
+  read -r torch_isa kernels <<< "$(ATEN_CPU_CAPABILITY=$isa capability)"
+  if [ "$torch_isa" != "${isa^^}" ]; then
+    echo "== $isa: not on this CPU (torch runs $torch_isa), skipped"
+  elif [ "$torch_isa" = "$best" ]; then
+    echo "== $isa: this CPU's best, which make test runs"
+  else
+    echo "== ATEN_CPU_CAPABILITY=$isa (fused_lstm's kernels: $kernels)"
+    # shellcheck disable=SC2086  (TESTS is a list of files)
+    ATEN_CPU_CAPABILITY=$isa "$PYTHON" -m pytest -q -p no:cacheprovider $TESTS || failed+=("$isa")
+  fi
+done
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "failed under ATEN_CPU_CAPABILITY=${failed[*]}"
+  exit 1
+fi
