@@ -1,20 +1,23 @@
-"""The persistent CUDA kernel (csrc/cuda/persistent_program.cuh) run on the CPU: every block
-and thread of the cooperative grid emulated between grid barriers, tensor-core tiles
-computed from the lanes' registers, on emulated devices of several sizes, against the CPU
-op. Catches indexing, tiling, masking, staging and step-order bugs of the persistent
-kernel, and checks its geometry (the plan), without a GPU."""
+"""The persistent CUDA kernel (csrc/cuda/persistent_program.cuh) run on the CPU: every thread
+of the cooperative grid a fiber of its own, meeting the others only at the kernel's block
+and grid barriers (tests/emulator), tensor-core tiles computed from the lanes' registers,
+on emulated devices of several sizes, against the CPU op. Catches indexing, tiling,
+masking, staging and step-order bugs of the persistent kernel and a missing barrier, and
+checks its geometry (the plan), without a GPU."""
 import pytest
 import torch
 
+import emulator
 import fused_lstm  # noqa: F401  (registers the ops)
 from conftest import max_error
 from test_op import make_args, random_batch_sizes
 
-persistent_forward = torch.ops.fused_lstm._emulated_cuda_persistent_forward
-persistent_backward = torch.ops.fused_lstm._emulated_cuda_persistent_backward
-persistent_plan = torch.ops.fused_lstm._emulated_cuda_persistent_plan
-stepwise_forward = torch.ops.fused_lstm._emulated_cuda_forward
-stepwise_backward = torch.ops.fused_lstm._emulated_cuda_backward
+emulated = emulator.load()
+persistent_forward = emulated.persistent_forward
+persistent_backward = emulated.persistent_backward
+persistent_plan = emulated.persistent_plan
+stepwise_forward = emulated.forward
+stepwise_backward = emulated.backward
 forward = torch.ops.fused_lstm.forward
 backward = torch.ops.fused_lstm.backward
 
