@@ -12,12 +12,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
 
-def load(source=os.path.join(HERE, "emulator.cpp"), build_directory=None):
-    """Builds (if its sources changed) and loads the emulator. `source` and
-    `build_directory` let the mutation check (mutations.py) build a mutant elsewhere."""
-    if not hasattr(torch.ops, "fused_lstm_emulated") or not hasattr(
-            torch.ops.fused_lstm_emulated, "forward"):
-        build_directory = build_directory or os.path.join(
+def load():
+    """Builds (if its sources changed) and loads the emulator. FUSED_LSTM_EMULATOR_SOURCE
+    and FUSED_LSTM_EMULATOR_BUILD let the mutation check (mutations.py) build a mutant
+    elsewhere."""
+    if not hasattr(torch.ops.fused_lstm_emulated, "forward"):
+        source = os.environ.get("FUSED_LSTM_EMULATOR_SOURCE", os.path.join(HERE, "emulator.cpp"))
+        build_directory = os.environ.get("FUSED_LSTM_EMULATOR_BUILD") or os.path.join(
             ROOT, "build", "emulator", f"torch-{torch.__version__}")
         os.makedirs(build_directory, exist_ok=True)
         # ninja from the virtual environment, whether or not it is activated.

@@ -77,6 +77,118 @@ void poison(T* p, int64_t count) {
   if (p != nullptr) std::memset(static_cast<void*>(p), kPoison, sizeof(T) * count);
 }
 
+// The saved state of a fiber, and the switch from one to another: on x86-64 by hand (the
+// callee-saved registers, the stack pointer and the floating-point control words: a few
+// nanoseconds), elsewhere by ucontext (which also saves the signal mask: a system call
+// per switch). The emulated threads switch at every barrier, hundreds of thousands of
+// times per launch of the persistent kernel.
+#if defined(__x86_64__) && defined(__linux__)
+asm(R"(
+  .text
+  .p2align 4
+  .globl fused_lstm_emulator_switch
+  .hidden fused_lstm_emulator_switch
+  .type fused_lstm_emulator_switch, @function
+fused_lstm_emulator_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size fused_lstm_emulator_switch, .-fused_lstm_emulator_switch
+)");
+extern "C" void fused_lstm_emulator_switch(void** save_sp, void* load_sp);
+
+struct Context {
+  void* sp = nullptr;
+
+  // Switched to, the context calls entry() (which never returns) on the given stack.
+  void prepare(unsigned char* stack, size_t bytes, void (*entry)()) {
+    auto top = reinterpret_cast<uintptr_t>(stack + bytes) & ~uintptr_t(15);
+    // What fused_lstm_emulator_switch pops, from the lowest address: the control words,
+    // r15, r14, r13, r12, rbx, rbp, then the return address, which is 16-byte aligned
+    // (entry() then starts as if called); above it a null return address for entry().
+    auto* frame = reinterpret_cast<uint64_t*>(top - 16) - 7;
+    std::memset(frame, 0, 9 * sizeof(uint64_t));
+    uint32_t mxcsr;
+    uint16_t fpcw;
+    asm volatile("stmxcsr %0" : "=m"(mxcsr));
+    asm volatile("fnstcw %0" : "=m"(fpcw));
+    std::memcpy(frame, &mxcsr, 4);
+    std::memcpy(reinterpret_cast<unsigned char*>(frame) + 4, &fpcw, 2);
+    frame[7] = reinterpret_cast<uint64_t>(entry);
+    sp = frame;
+  }
+  static void jump(Context& from, Context& to) { fused_lstm_emulator_switch(&from.sp, to.sp); }
+};
+#else
+struct Context {
+  ucontext_t context;
+
+  void prepare(unsigned char* stack, size_t bytes, void (*entry)()) {
+    getcontext(&context);
+    context.uc_stack.ss_sp = stack;
+    context.uc_stack.ss_size = bytes;
+    context.uc_link = nullptr;
+    makecontext(&context, entry, 0);
+  }
+  static void jump(Context& from, Context& to) { swapcontext(&from.context, &to.context); }
+};
+#endif
+
+// Stacks for the fibers of one block, kept from launch to launch (a fresh mapping would
+// page-fault into every stack again). At most kKept blocks' worth stays mapped.
+class StackPool {
+ public:
+  static constexpr int kMaxThreads = 256;
+  static constexpr size_t kStackBytes = 64 * 1024;
+  static constexpr size_t kBytes = kStackBytes * kMaxThreads;
+  static constexpr size_t kKept = 64;
+
+  ~StackPool() {
+    for (unsigned char* stacks : free_) munmap(stacks, kBytes);
+  }
+  unsigned char* take() {
+    if (free_.empty()) {
+      void* p = mmap(nullptr, kBytes, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+      TORCH_CHECK(p != MAP_FAILED, "fused_lstm emulator: no memory for the fibers' stacks");
+      return static_cast<unsigned char*>(p);
+    }
+    unsigned char* stacks = free_.back();
+    free_.pop_back();
+    return stacks;
+  }
+  void give(unsigned char* stacks) {
+    if (free_.size() < kKept) {
+      free_.push_back(stacks);
+    } else {
+      munmap(stacks, kBytes);
+    }
+  }
+
+ private:
+  std::vector<unsigned char*> free_;
+};
+
+thread_local StackPool stack_pool;
+
 // The fibers of one launch: `blocks` blocks of `threads` threads, each running
 // body(block, tid) on its own stack, scheduled as the top of this file says.
 class Launch {
@@ -91,7 +203,9 @@ class Launch {
   Launch(const Launch&) = delete;
   Launch& operator=(const Launch&) = delete;
   ~Launch() {
-    for (unsigned char* stacks : stacks_) munmap(stacks, stacks_bytes());
+    for (BlockState& s : state_) {
+      if (s.stacks != nullptr) stack_pool.give(s.stacks);
+    }
   }
 
   void run(const Body& body) {
@@ -148,14 +262,14 @@ class Launch {
   }
 
  private:
-  static constexpr int kMaxThreads = 256;
-  static constexpr size_t kStackBytes = 64 * 1024;
+  static constexpr int kMaxThreads = StackPool::kMaxThreads;
+  static constexpr size_t kStackBytes = StackPool::kStackBytes;
   static constexpr uint64_t kCanary = 0x5a5a5a5a5a5a5a5aull;  // at the bottom of each stack
 
   enum class Wait : uint8_t { none, block, warp, grid, done };
 
   struct Fiber {
-    ucontext_t context;
+    Context context;
     Wait wait = Wait::none;
   };
 
@@ -168,21 +282,6 @@ class Launch {
     int64_t releases = 0;  // for the alternating order
   };
 
-  size_t stacks_bytes() const { return kStackBytes * threads_; }
-
-  unsigned char* take_stacks() {
-    if (!free_stacks_.empty()) {
-      unsigned char* stacks = free_stacks_.back();
-      free_stacks_.pop_back();
-      return stacks;
-    }
-    void* p = mmap(nullptr, stacks_bytes(), PROT_READ | PROT_WRITE,
-                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    TORCH_CHECK(p != MAP_FAILED, "fused_lstm emulator: no memory for the fibers' stacks");
-    stacks_.push_back(static_cast<unsigned char*>(p));
-    return stacks_.back();
-  }
-
   static void entry() { current_->fiber_main(); }
 
   void fiber_main() {
@@ -191,24 +290,18 @@ class Launch {
     } catch (...) {
       if (!error_) error_ = std::current_exception();
     }
-    state_[current_block_].fibers[current_thread_].wait = Wait::done;
-    // Returning resumes the scheduler (uc_link).
+    Fiber& f = state_[current_block_].fibers[current_thread_];
+    f.wait = Wait::done;
+    Context::jump(f.context, scheduler_);  // never resumed
   }
 
   void start(BlockState& s) {
-    s.stacks = take_stacks();
+    s.stacks = stack_pool.take();
     s.fibers.resize(threads_);
-    ucontext_t blank;
-    getcontext(&blank);
     for (int t = 0; t < threads_; ++t) {
       unsigned char* stack = s.stacks + t * kStackBytes;
       std::memcpy(stack, &kCanary, sizeof(kCanary));
-      ucontext_t& c = s.fibers[t].context;
-      c = blank;
-      c.uc_stack.ss_sp = stack;
-      c.uc_stack.ss_size = kStackBytes;
-      c.uc_link = &scheduler_;
-      makecontext(&c, &Launch::entry, 0);
+      s.fibers[t].context.prepare(stack, kStackBytes, &Launch::entry);
       s.ready.push_back(t);
     }
   }
@@ -222,7 +315,7 @@ class Launch {
     for (; !s.ready.empty();) {
       current_thread_ = s.ready.front();
       s.ready.pop_front();
-      swapcontext(&scheduler_, &s.fibers[current_thread_].context);
+      Context::jump(scheduler_, s.fibers[current_thread_].context);
       if (error_) std::rethrow_exception(error_);
       if (s.fibers[current_thread_].wait == Wait::done) ++s.done;
     }
@@ -232,7 +325,7 @@ class Launch {
         std::memcpy(&bottom, s.stacks + t * kStackBytes, sizeof(bottom));
         TORCH_CHECK(bottom == kCanary, "fused_lstm emulator: a fiber overflowed its stack");
       }
-      free_stacks_.push_back(s.stacks);
+      stack_pool.give(s.stacks);
       s.stacks = nullptr;
       std::vector<Fiber>().swap(s.fibers);
       return;
@@ -265,7 +358,7 @@ class Launch {
   }
 
   // Back to the scheduler, until the thread is released (it may be already).
-  void yield() { swapcontext(&state_[current_block_].fibers[current_thread_].context, &scheduler_); }
+  void yield() { Context::jump(state_[current_block_].fibers[current_thread_].context, scheduler_); }
 
   static thread_local Launch* current_;
 
@@ -273,8 +366,7 @@ class Launch {
   int threads_;
   const Body* body_ = nullptr;
   std::vector<BlockState> state_;
-  std::vector<unsigned char*> stacks_, free_stacks_;
-  ucontext_t scheduler_;
+  Context scheduler_;
   int64_t current_block_ = 0;
   int current_thread_ = 0;
   std::exception_ptr error_;
