@@ -19,10 +19,9 @@
 // - the lanes of a warp meet at its mma and go on together.
 // What nobody has written yet is poisoned (all bits set: NaN in floating point) so that
 // reading it shows in the results: each block's shared memory and each thread's
-// registers at launch, and before each launch the buffers the launch writes (the step's
-// cells, hidden and grad_gates; the persistent kernel's output, cells, h_n, c_n and
-// grad_gates, whole). Buffers that are read and written in place (gates, grad_h, grad_c)
-// keep their inputs.
+// registers at launch; before a layer's first launch its output, cells, h_n, c_n (or
+// grad_gates), whole; and before each step's launch what it writes (cells, hidden or
+// grad_gates). Buffers read and written in place (gates, grad_h, grad_c) keep their inputs.
 //
 // What it still cannot see, left for compute-sanitizer and the GPU tests:
 // - memory ordering: a write here is visible to every later read at once. The GPU's
@@ -499,8 +498,11 @@ struct OnHost {
     });
   }
 
+  // Asked before the steps of a layer without a projection: the step kernels run it, so
+  // all they will write is poisoned first.
   template <typename Sequence>
-  bool persistent(const Sequence&, const std::vector<int64_t>&) const {
+  bool persistent(const Sequence& seq, const std::vector<int64_t>&) const {
+    poison_outputs(seq);
     return false;
   }
 };
