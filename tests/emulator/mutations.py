@@ -1,11 +1,11 @@
 """The emulator's mutation check: removes each barrier call of the CUDA block programs in
-turn (every `block.sync();` and `grid.sync();` in csrc/cuda/*.cuh), builds the emulator
+turn (every `block.sync();` and `grid.sync();` of PROGRAMS), builds the emulator
 on the mutant, runs the emulated tests on it and reports which test killed it, or that
 it survived. A barrier whose removal no test notices is either redundant or untested;
 the redundant ones are listed in EQUIVALENT, with the reason, and not run.
 
-    python tests/emulator/mutations.py            # every barrier; a few minutes on 2 cores
-    python tests/emulator/mutations.py -k persistent_program.cuh:391
+    python tests/emulator/mutations.py            # every barrier: 7 minutes on 2 busy cores
+    python tests/emulator/mutations.py -k persistent_program   # the persistent kernel only
 
 Each mutant is a copy of csrc/ and of the emulator in a temporary directory, built there
 (the emulator includes the block programs by relative path) and tested in a fresh
