@@ -83,7 +83,7 @@ void poison(T* p, int64_t count) {
 // times per launch of the persistent kernel.
 #if defined(__x86_64__) && defined(__linux__)
 asm(R"(
-  .text
+  .pushsection .text
   .p2align 4
   .globl fused_lstm_emulator_switch
   .hidden fused_lstm_emulator_switch
@@ -111,6 +111,7 @@ fused_lstm_emulator_switch:
   popq %rbp
   ret
   .size fused_lstm_emulator_switch, .-fused_lstm_emulator_switch
+  .popsection
 )");
 extern "C" void fused_lstm_emulator_switch(void** save_sp, void* load_sp);
 
