@@ -66,9 +66,9 @@ class BuildWithIsaFlags(BuildExtension):
 
 def _extension():
     use_cuda = _want_cuda()
-    # csrc/cuda/*.cpp: host code of the CUDA kernels that every build compiles (the host
-    # emulation of the step kernels that the tests run without a GPU).
-    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp") + _sources("csrc/cuda/*.cpp")
+    # The emulation of the CUDA kernels on the host is test code, built by the tests
+    # themselves (tests/emulator), never into the user's _C.
+    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     macros = [("TORCH_EXTENSION_NAME", "_C")]
     if platform.machine().lower() in ("x86_64", "amd64") and platform.system() != "Windows":
         macros.append(("FUSED_LSTM_HAVE_AVX2", "1"))

@@ -1,9 +1,8 @@
 // The schemas of the fused_lstm ops: each device registers its kernels in its own file
-// (cpu/lstm_cpu.cpp, cuda/lstm_cuda.cu). Small diagnostic and test-only ops are defined
-// beside what they report on (cpu_capability in cpu/lstm_cpu.cpp, the CUDA emulation in
-// cuda/lstm_emulated.cpp). Importing the
-// extension module fused_lstm._C runs these registrations; everything is called as
-// torch.ops.fused_lstm.*.
+// (cpu/lstm_cpu.cpp, cuda/lstm_cuda.cu). A small diagnostic op is defined beside what it
+// reports on (cpu_capability in cpu/lstm_cpu.cpp); the CUDA emulation is test code, its
+// own extension (tests/emulator). Importing the extension module fused_lstm._C runs these
+// registrations; everything is called as torch.ops.fused_lstm.*.
 #include <Python.h>
 #include <torch/library.h>
 

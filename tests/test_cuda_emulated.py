@@ -1,15 +1,18 @@
-"""The CUDA op's host code and step kernels, run on the CPU: every block and thread of
-each launch emulated in turn (csrc/cuda/lstm_emulated.cpp), against the CPU op. Catches
-indexing, tiling, masking and step-order bugs of the CUDA kernels without a GPU."""
+"""The CUDA op's host code and step kernels, run on the CPU: every thread of each launch
+a fiber of its own, meeting the others only at the kernel's barriers (tests/emulator),
+against the CPU op. Catches indexing, tiling, masking and step-order bugs of the CUDA
+kernels, and a missing barrier, without a GPU."""
 import pytest
 import torch
 
+import emulator
 import fused_lstm  # noqa: F401  (registers the ops)
 from conftest import max_error
 from test_op import make_args, random_batch_sizes
 
-emulated_forward = torch.ops.fused_lstm._emulated_cuda_forward
-emulated_backward = torch.ops.fused_lstm._emulated_cuda_backward
+emulated = emulator.load()
+emulated_forward = emulated.forward
+emulated_backward = emulated.backward
 forward = torch.ops.fused_lstm.forward
 backward = torch.ops.fused_lstm.backward
 

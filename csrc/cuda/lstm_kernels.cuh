@@ -1,7 +1,7 @@
 // The work of one block for one time step of the CUDA kernels, written once for the GPU
 // and for the host: every function here is __host__ __device__ over plain pointers, so
-// that lstm_emulated.cpp can run the very same code for every (block, thread) of a launch
-// on a machine without a GPU. No ATen here.
+// that the tests' emulator (tests/emulator) can run the very same code for every (block,
+// thread) of a launch on a machine without a GPU. No ATen here.
 //
 // A time step is described by a ForwardStep or a BackwardStep: the pointers of that step,
 // which rows are live, and per element what the step multiplies (`activation`, `weight`)
@@ -11,7 +11,7 @@
 // BackwardSequence gives the step of each processing index, on the host or the device.
 //
 // A block program is a sequence of phases separated by barriers; `Block` runs one phase
-// for its threads (on the GPU: this thread; on the host: each thread in turn) and
+// for its threads (this thread, on the GPU and in the emulator alike) and
 // `Block::sync()` is the barrier (__syncthreads() on the GPU). Each thread keeps its
 // registers in a `Thread` state and the block shares one `Shared`.
 //

@@ -5,9 +5,9 @@
 // - step by step (lstm_kernels.cuh): one launch per time step (Run::run<Tile>), always
 //   with a projection, where the projection and the recurrent gradient through it are
 //   ATen GEMMs per step.
-// `Run` launches on the GPU (lstm_cuda.cu), or runs every block and thread in turn on the
-// host (lstm_emulated.cpp, for the tests), so that everything but the launch itself is the
-// same code on both.
+// `Run` launches on the GPU (lstm_cuda.cu), or runs every block and thread on the host
+// (tests/emulator, for the tests), so that everything but the launch itself is the same
+// code on both.
 //
 // Every tensor the kernels touch is contiguous and in acc_t (float32 for bfloat16 and
 // float16), except w_hh, which they read in the input's dtype. Dead rows (not live at a

@@ -1,8 +1,8 @@
 // The persistent kernel (stage B of DESIGN.md; Diamos et al., "Persistent RNNs", ICML
 // 2016): one cooperative launch runs every time step of a layer. Like lstm_kernels.cuh,
-// everything here is __host__ __device__ over plain pointers, so that lstm_emulated.cpp
-// runs the same block programs for every block and thread on the host, with the grid
-// barrier between steps.
+// everything here is __host__ __device__ over plain pointers, so that the tests' emulator
+// (tests/emulator) runs the same block programs for every block and thread on the host,
+// with the grid barrier between steps.
 //
 // Ownership. Block (x, y) owns hidden units [x·U, (x+1)·U) and batch rows
 // [y·group_rows, (y+1)·group_rows). It keeps its weight rows in shared memory for the
@@ -500,9 +500,9 @@ struct PersistentProgram {
 };
 
 // All steps of a sequence on a grid: Grid::for_each_block(f) calls
-// f(block, shared, unit_block, row_group) for the blocks it runs (on the GPU, its own
-// block; on the host, every block in turn, each with its own shared memory kept from
-// step to step), and Grid::sync() is the grid-wide barrier.
+// f(block, shared, unit_block, row_group) for its own block (on the GPU and in the
+// emulator alike, with the block's shared memory kept from step to step), and
+// Grid::sync() is the grid-wide barrier.
 template <typename Program, typename Grid>
 C10_HOST_DEVICE void run_persistent(Grid& grid, const typename Program::Sequence& seq,
                                     const PersistentPlan& plan) {
