@@ -7,6 +7,8 @@
 
 #include <cuda_runtime.h>
 
+FUSED_LSTM_DEVICE_CODE_BEGIN
+
 namespace fused_lstm::cuda {
 
 // D += A·B on tensor cores for one 16 × 8 × 16 tile of a warp, in the registers laid
@@ -68,3 +70,5 @@ struct PersistentKernel {
 };
 
 }  // namespace fused_lstm::cuda
+
+FUSED_LSTM_DEVICE_CODE_END

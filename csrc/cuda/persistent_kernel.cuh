@@ -10,6 +10,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <cooperative_groups.h>
 
+FUSED_LSTM_DEVICE_CODE_BEGIN
+
 namespace fused_lstm::cuda {
 
 // The grid of a cooperative launch as the block programs see it: each block runs its own
@@ -58,3 +60,5 @@ void PersistentKernel<Program>::launch(const typename Program::Sequence& seq,
   template struct PersistentKernel<PersistentProgram<BackwardSequence<scalar_t, acc_t>>>;
 
 }  // namespace fused_lstm::cuda
+
+FUSED_LSTM_DEVICE_CODE_END

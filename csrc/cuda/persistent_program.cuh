@@ -41,6 +41,8 @@
 #include <optional>
 #include <type_traits>
 
+FUSED_LSTM_DEVICE_CODE_BEGIN
+
 namespace fused_lstm::cuda {
 
 constexpr int kPersistentThreads = 256;
@@ -302,14 +304,14 @@ struct PersistentProgram {
                                        int64_t row_group) {
     const int64_t unit0 = unit_block * plan.units;
     const int64_t group_begin = row_group * plan.group_rows;
-    const int64_t group_end = std::min(p.batch, group_begin + plan.group_rows);
+    const int64_t group_end = min_of(p.batch, group_begin + plan.group_rows);
     for (int64_t n0 = group_begin; n0 < group_end; n0 += plan.chunk_rows()) {
       // The same for every thread of the block: no barrier is skipped by some threads only.
       const bool with_product = n0 < p.product_rows();
       if (with_product) {
         block.for_each_thread([&](int, Thread& th) { clear(th); });
         for (int64_t k0 = 0; k0 < plan.depth; k0 += plan.chunk_depth) {
-          const int64_t length = std::min(plan.chunk_depth, plan.depth - k0);
+          const int64_t length = min_of(plan.chunk_depth, plan.depth - k0);
           if (k0 > 0) block.sync();  // every warp is done with the previous staging
           block.for_each_thread([&](int tid, Thread&) {
             stage(shared, p, plan, n0, group_end, k0, length, tid);
@@ -521,3 +523,5 @@ C10_HOST_DEVICE void run_persistent(Grid& grid, const typename Program::Sequence
 }
 
 }  // namespace fused_lstm::cuda
+
+FUSED_LSTM_DEVICE_CODE_END
