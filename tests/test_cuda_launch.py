@@ -1,5 +1,6 @@
 """How the CUDA op launches its kernels, where only a GPU can tell (issue 16): a refused
-cooperative launch falls back to the step kernels with one warning. Every test needs a CUDA device
+cooperative launch falls back to the step kernels with one warning, and a call captured
+into a CUDA graph takes the step kernels. Every test needs a CUDA device
 (skipped without one, tests/conftest.py).
 
 The refusal is provoked with FUSED_LSTM_TEST_OVERSIZED_GRID=1 (csrc/cuda/lstm_cuda.cu):
@@ -140,3 +141,30 @@ def test_green_context_with_few_sms(num_sms, monkeypatch):
     torch.cuda.synchronize()
     for a, b in zip(ours, expected):
         assert max_error(a, b) <= 1e-5 * max(1.0, b.abs().max().item())
+
+
+# --------------------------------------------------------------- CUDA-graph capture
+
+@pytest.mark.parametrize("path", [None, "persistent"])
+def test_captured_calls_take_the_step_kernels(path, monkeypatch):
+    """Captured (by default, and forced onto the persistent kernel), forward and backward
+    replay on the step kernels, with their results (up to cuBLAS's choice of algorithm in
+    the graph)."""
+    monkeypatch.delenv("FUSED_LSTM_CUDA_PATH", raising=False)
+    args = seed_layer()
+    batch_sizes = torch.tensor([32] * 6 + [20] * 4 + [3] * 2)
+    expected = on_step_kernels(monkeypatch, lambda: forward_and_backward(args, batch_sizes))
+    if path:
+        monkeypatch.setenv("FUSED_LSTM_CUDA_PATH", path)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        forward_and_backward(args, batch_sizes)  # warm up: cuBLAS handles, the allocator
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = forward_and_backward(args, batch_sizes)
+    names = kernels_run(graph.replay)
+    assert launches(names, "step_kernel") and not launches(names, "persistent_kernel"), names
+    for a, b in zip(static, expected):
+        assert max_error(a, b) <= 1e-6 * max(1.0, b.abs().max().item())

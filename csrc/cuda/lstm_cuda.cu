@@ -13,12 +13,19 @@
 // fits in the block's shared memory (the device's opt-in limit) with every block of the
 // grid co-resident (the occupancy the runtime reports for that shared memory, times the
 // SMs). All of it is read off the device, so an H100, H200 or A100 each get their own.
-// One exception takes the step kernels for the call at hand:
+// Two exceptions take the step kernels for the call at hand:
+// - the stream is being captured into a CUDA graph. NVIDIA documents a graph kernel node
+//   as able to be cooperative (cudaLaunchAttributeCooperative, "Valid for graph nodes,
+//   launches", driver_types.h of CUDA 13.0; CUkernelNodeAttrValue::cooperative since the
+//   CUDA 11.1 driver API), but not that capturing cudaLaunchCooperativeKernel records one,
+//   nor what a replay does where the grid is no longer co-resident (it could not fall
+//   back): see benchmarks/NOTES.md, "Cooperative launch and CUDA graphs";
 // - the runtime refuses the cooperative launch (cudaErrorCooperativeLaunchTooLarge and
 //   the like: fewer SMs than the device reports, under MPS, a green context, or another
 //   process's kernels): one warning names the reason.
 // FUSED_LSTM_CUDA_PATH=persistent or =stepwise forces either for layers without a
-// projection; persistent where it does not fit, or is refused, is an error.
+// projection (a captured call still takes the step kernels); persistent where it does
+// not fit, or is refused, is an error.
 // Test only: FUSED_LSTM_TEST_OVERSIZED_GRID=1 asks the cooperative launch for 65535 rows
 // of blocks, more than any GPU holds at once, so that the runtime refuses it
 // (tests/test_cuda_launch.py).
@@ -163,6 +170,9 @@ struct OnGpu {
     const CudaPath path = cuda_path();
     if (path == CudaPath::stepwise) return false;
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+    if (capture != cudaStreamCaptureStatusNone) return false;
     static PlanCache cache;
     const int device = c10::cuda::current_device();
     const DeviceLimits& limits = device_limits(device);
