@@ -52,7 +52,7 @@ fi
 if stage tests; then
   SECONDS=0
   "$PY" -m pytest -q -rs tests/test_cuda.py tests/test_cuda_launch.py tests/test_cuda_emulated.py \
-    tests/test_cuda_persistent_emulated.py tests/test_op.py
+    tests/test_cuda_persistent_emulated.py tests/test_cuda_precision_emulated.py tests/test_op.py
   echo "tests: ${SECONDS}s"
 fi
 

@@ -1,19 +1,25 @@
 """How the CUDA op launches its kernels, where only a GPU can tell (issue 16): a refused
-cooperative launch falls back to the step kernels with one warning, and a call captured
-into a CUDA graph takes the step kernels. Every test needs a CUDA device
-(skipped without one, tests/conftest.py).
+cooperative launch falls back to the step kernels with one warning, a call captured into
+a CUDA graph takes the step kernels, and bfloat16/float16 at H = 257 and more on the
+persistent kernel meet the accuracy rule against cuDNN (what
+test_cuda_precision_emulated.py checks on the host emulation, here on the tensor cores
+themselves, whose order of summation the emulation does not reproduce). Every test needs
+a CUDA device (skipped without one, tests/conftest.py).
 
 The refusal is provoked with FUSED_LSTM_TEST_OVERSIZED_GRID=1 (csrc/cuda/lstm_cuda.cu):
 the cooperative launch then asks for 65535 rows of blocks, which no GPU holds at once,
 so the runtime refuses it with cudaErrorCooperativeLaunchTooLarge, as it does where MPS,
 a green context or other processes leave fewer SMs than the plan counted on."""
+import copy
 import warnings
 
 import pytest
 import torch
+from torch import nn
 
 import fused_lstm  # noqa: F401  (registers the ops)
-from conftest import max_error
+from fused_lstm import FusedLSTM
+from conftest import assert_as_accurate_as, max_error
 from test_op import make_args
 
 pytestmark = pytest.mark.cuda
@@ -168,3 +174,45 @@ def test_captured_calls_take_the_step_kernels(path, monkeypatch):
     assert launches(names, "step_kernel") and not launches(names, "persistent_kernel"), names
     for a, b in zip(static, expected):
         assert max_error(a, b) <= 1e-6 * max(1.0, b.abs().max().item())
+
+
+# ------------------------------------ bfloat16/float16 on the persistent kernel, large H
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("saturating", [False, True])
+@pytest.mark.parametrize("T,B,H", [(16, 5, 257), (8, 33, 513), (4, 64, 1024)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_persistent_low_precision_is_as_accurate_as_cudnn(T, B, H, dtype, saturating, seed,
+                                                          monkeypatch):
+    """On tensor cores, h as hi + lo parts of the input's dtype (forward) and grad_gates
+    rounded to it (backward): forward and every gradient within twice cuDNN's error
+    against float64 (plus a few roundings), on the same inputs, over several seeds, with
+    nn.LSTM's initialisation and with saturating weights (standard deviation 0.5)."""
+    torch.manual_seed(1000 + seed)
+    lstm = nn.LSTM(16, H, device="cuda", dtype=dtype)
+    if saturating:
+        with torch.no_grad():
+            for p in lstm.parameters():
+                p.mul_(0.5 * (3 * H) ** 0.5)  # uniform(±1/sqrt(H)) has deviation 1/sqrt(3H)
+    fused = FusedLSTM(16, H, device="cuda", dtype=dtype)
+    fused.load_state_dict(lstm.state_dict())
+    ref = copy.deepcopy(lstm).double()
+    x = torch.randn(T, B, 16, device="cuda").to(dtype)
+    state = [torch.randn(1, B, H, device="cuda").to(dtype) for _ in range(2)]
+    cotangents = [torch.randn(T, B, H, device="cuda"), torch.randn(1, B, H, device="cuda"),
+                  torch.randn(1, B, H, device="cuda")]
+
+    def outputs_and_grads(module, cast):
+        leaves = [cast(t).detach().requires_grad_() for t in (x, *state)]
+        out, (h_n, c_n) = module(leaves[0], tuple(leaves[1:]))
+        loss = sum((cast(c) * t).sum() for c, t in zip(cotangents, (out, h_n, c_n)))
+        grads = torch.autograd.grad(loss, leaves + list(module.parameters()))
+        return [t.detach() for t in (out, h_n, c_n, *grads)]
+
+    monkeypatch.setenv("FUSED_LSTM_CUDA_PATH", "persistent")
+    names = kernels_run(lambda: outputs_and_grads(fused, lambda t: t.to(dtype)))
+    assert launches(names, "persistent_kernel") and not launches(names, "step_kernel"), names
+    ours = outputs_and_grads(fused, lambda t: t.to(dtype))
+    theirs = outputs_and_grads(lstm, lambda t: t.to(dtype))
+    expected = outputs_and_grads(ref, lambda t: t.to(dtype).double())
+    assert_as_accurate_as(ours, theirs, expected)
