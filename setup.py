@@ -89,7 +89,11 @@ def _extension():
             extra_compile_args={"cxx": cxx}, extra_link_args=link,
         )
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    nvcc = ["-O3", "-lineinfo"]
+    # A call from __host__ __device__ code to a __host__ function is nvcc's warning, and
+    # compiles into a trap that drops the kernel's work: an error instead (the constexpr
+    # kind, legal here under torch's --expt-relaxed-constexpr, is one in every other build:
+    # FUSED_LSTM_DEVICE_CODE_BEGIN in csrc/cuda/lstm_kernels.cuh).
+    nvcc = ["-O3", "-lineinfo", "-Werror", "cross-execution-space-call"]
     return CUDAExtension(
         "fused_lstm._C", sources + _sources("csrc/cuda/*.cu"),
         define_macros=macros + [("FUSED_LSTM_WITH_CUDA", "1")],

@@ -2,7 +2,8 @@
 # On a machine with an NVIDIA GPU, in one command:
 # 1. build the extension with its CUDA kernels;
 # 2. the CUDA tests (each on both kernels of the recurrence: the persistent kernel and the
-#    step kernels) and the host-emulation tests;
+#    step kernels; test_cuda_launch.py: refused cooperative launches, graph capture, the
+#    low-precision accuracy at large H) and the host-emulation tests;
 # 3. compute-sanitizer (memcheck, racecheck, synccheck, initcheck) on a small case of the
 #    forward and backward ops, once per kernel;
 # 4. the benchmark, python benchmarks/run.py --device cuda --graph, with the default rule
@@ -50,8 +51,8 @@ fi
 
 if stage tests; then
   SECONDS=0
-  "$PY" -m pytest -q -rs tests/test_cuda.py tests/test_cuda_emulated.py \
-    tests/test_cuda_persistent_emulated.py tests/test_op.py
+  "$PY" -m pytest -q -rs tests/test_cuda.py tests/test_cuda_launch.py tests/test_cuda_emulated.py \
+    tests/test_cuda_persistent_emulated.py tests/test_cuda_precision_emulated.py tests/test_op.py
   echo "tests: ${SECONDS}s"
 fi
 

@@ -13,8 +13,22 @@
 // fits in the block's shared memory (the device's opt-in limit) with every block of the
 // grid co-resident (the occupancy the runtime reports for that shared memory, times the
 // SMs). All of it is read off the device, so an H100, H200 or A100 each get their own.
+// Two exceptions take the step kernels for the call at hand:
+// - the stream is being captured into a CUDA graph. NVIDIA documents a graph kernel node
+//   as able to be cooperative (cudaLaunchAttributeCooperative, "Valid for graph nodes,
+//   launches", driver_types.h of CUDA 13.0; CUkernelNodeAttrValue::cooperative since the
+//   CUDA 11.1 driver API), but not that capturing cudaLaunchCooperativeKernel records one,
+//   nor what a replay does where the grid is no longer co-resident (it could not fall
+//   back): see benchmarks/NOTES.md, "Cooperative launch and CUDA graphs";
+// - the runtime refuses the cooperative launch (cudaErrorCooperativeLaunchTooLarge and
+//   the like: fewer SMs than the device reports, under MPS, a green context, or another
+//   process's kernels): one warning names the reason.
 // FUSED_LSTM_CUDA_PATH=persistent or =stepwise forces either for layers without a
-// projection; persistent where it does not fit is an error.
+// projection (a captured call still takes the step kernels); persistent where it does
+// not fit, or is refused, is an error.
+// Test only: FUSED_LSTM_TEST_OVERSIZED_GRID=1 asks the cooperative launch for 65535 rows
+// of blocks, more than any GPU holds at once, so that the runtime refuses it
+// (tests/test_cuda_launch.py).
 //
 // Device guard, the current stream, tensors from the caching allocator, a launch check
 // after every launch, no host synchronisation (so CUDA graphs capture it).
@@ -155,6 +169,10 @@ struct OnGpu {
     using Program = PersistentProgram<Sequence>;
     const CudaPath path = cuda_path();
     if (path == CudaPath::stepwise) return false;
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+    if (capture != cudaStreamCaptureStatusNone) return false;
     static PlanCache cache;
     const int device = c10::cuda::current_device();
     const DeviceLimits& limits = device_limits(device);
@@ -170,8 +188,40 @@ struct OnGpu {
     Sequence on_device = seq;
     const at::Tensor live_table = device_live_rows(live, seq.batch);
     on_device.live = live_table.defined() ? live_table.data_ptr<int64_t>() : nullptr;
-    PersistentKernel<Program>::launch(on_device, *plan, c10::cuda::getCurrentCUDAStream());
-    return true;
+    PersistentPlan launched = *plan;
+    if (oversized_grid_for_tests()) launched.row_groups = 65535;
+    const cudaError_t error = PersistentKernel<Program>::launch(on_device, launched, stream);
+    if (error == cudaSuccess) return true;
+    if (!refused(error)) C10_CUDA_CHECK(error);
+    // The refusal is also the runtime's last error, which the next launch check would raise.
+    (void)cudaGetLastError();
+    const int64_t blocks = launched.unit_blocks * launched.row_groups;
+    if (path == CudaPath::persistent) {
+      TORCH_CHECK(false, "fused_lstm: FUSED_LSTM_CUDA_PATH=persistent, but the persistent kernel ",
+                  "does not fit on ", limits.name, " now: its cooperative launch of ", blocks,
+                  " blocks with ", launched.shared_bytes, " bytes of shared memory each was "
+                  "refused (", cudaGetErrorString(error), "). Unset FUSED_LSTM_CUDA_PATH, or set "
+                  "it to stepwise.");
+    }
+    TORCH_WARN_ONCE("fused_lstm: the cooperative launch of the persistent kernel (", blocks,
+                    " blocks with ", launched.shared_bytes, " bytes of shared memory each, planned "
+                    "for ", limits.multiprocessors, " SMs of ", limits.name, ") was refused: ",
+                    cudaGetErrorString(error), ". Fewer SMs may be available than the device "
+                    "has (MPS, a green context, other processes). Such calls run on the step "
+                    "kernels instead; this warning is shown once.");
+    return false;
+  }
+
+  // What the runtime answers where the grid cannot be co-resident, or a cooperative launch
+  // is not allowed in this context: the step kernels can still run the call.
+  static bool refused(cudaError_t error) {
+    return error == cudaErrorCooperativeLaunchTooLarge || error == cudaErrorNotSupported ||
+           error == cudaErrorNotPermitted || error == cudaErrorLaunchOutOfResources;
+  }
+
+  static bool oversized_grid_for_tests() {
+    const char* value = std::getenv("FUSED_LSTM_TEST_OVERSIZED_GRID");
+    return value != nullptr && std::strcmp(value, "1") == 0;
   }
 
   // batch_sizes on the device, or undefined where every row is live at every step.

@@ -31,9 +31,24 @@
 
 #if defined(__CUDACC__)
 #define FUSED_LSTM_UNROLL _Pragma("unroll")
+// Around the device code of each of our headers: a call from __host__ __device__ code to a
+// __host__ function is an error, not nvcc's warning. nvcc warns (20011; without
+// --expt-relaxed-constexpr, 20013 and 20015 for a constexpr one such as std::min) and
+// compiles the call into a trap: the kernel then keeps what comes before it and drops the
+// rest. torch's build adds --expt-relaxed-constexpr (so std::min would work there) and
+// setup.py makes 20011 an error; any other build of these headers (a standalone harness
+// for compute-sanitizer, CMake) fails here instead of computing garbage.
+#define FUSED_LSTM_DEVICE_CODE_BEGIN                                              \
+  _Pragma("nv_diagnostic push") _Pragma("nv_diag_error 20011")                    \
+      _Pragma("nv_diag_error 20013") _Pragma("nv_diag_error 20015")
+#define FUSED_LSTM_DEVICE_CODE_END _Pragma("nv_diagnostic pop")
 #else
 #define FUSED_LSTM_UNROLL
+#define FUSED_LSTM_DEVICE_CODE_BEGIN
+#define FUSED_LSTM_DEVICE_CODE_END
 #endif
+
+FUSED_LSTM_DEVICE_CODE_BEGIN
 
 namespace fused_lstm::cuda {
 
@@ -92,6 +107,9 @@ C10_HOST_DEVICE inline StepRows step_rows(int64_t s, int64_t T, bool reverse, co
   const int64_t carried = s > 0 ? (rows < live_at(s - 1) ? rows : live_at(s - 1)) : 0;
   return {time(s), s > 0 ? time(s - 1) : time(s), rows, carried, s + 1 < T ? live_at(s + 1) : 0};
 }
+
+// std::min is a __host__ function: see FUSED_LSTM_DEVICE_CODE_BEGIN.
+C10_HOST_DEVICE constexpr int64_t min_of(int64_t a, int64_t b) { return a < b ? a : b; }
 
 C10_HOST_DEVICE inline float exp_of(float x) { return ::expf(x); }
 C10_HOST_DEVICE inline double exp_of(double x) { return ::exp(x); }
@@ -448,3 +466,5 @@ void run_step(const Step& step) {
 }
 
 }  // namespace fused_lstm::cuda
+
+FUSED_LSTM_DEVICE_CODE_END

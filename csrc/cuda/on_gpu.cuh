@@ -7,6 +7,8 @@
 
 #include <cuda_runtime.h>
 
+FUSED_LSTM_DEVICE_CODE_BEGIN
+
 namespace fused_lstm::cuda {
 
 // D += A·B on tensor cores for one 16 × 8 × 16 tile of a warp, in the registers laid
@@ -58,13 +60,17 @@ struct ThisThread {
 };
 
 // The persistent kernel of one PersistentProgram: its function (for occupancy queries and
-// attributes) and a cooperative launch of it on `stream` with `plan`'s geometry.
+// attributes) and a cooperative launch of it on `stream` with `plan`'s geometry, which
+// returns the runtime's answer unchecked: the caller may take the step kernels instead
+// where the launch is refused.
 // Defined in persistent_kernel.cuh, instantiated per dtype in persistent_<dtype>.cu.
 template <typename Program>
 struct PersistentKernel {
   static const void* function();
-  static void launch(const typename Program::Sequence& seq, const PersistentPlan& plan,
-                     cudaStream_t stream);
+  static cudaError_t launch(const typename Program::Sequence& seq, const PersistentPlan& plan,
+                            cudaStream_t stream);
 };
 
 }  // namespace fused_lstm::cuda
+
+FUSED_LSTM_DEVICE_CODE_END

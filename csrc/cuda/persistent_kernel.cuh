@@ -7,8 +7,9 @@
 
 #include "on_gpu.cuh"
 
-#include <c10/cuda/CUDAException.h>
 #include <cooperative_groups.h>
+
+FUSED_LSTM_DEVICE_CODE_BEGIN
 
 namespace fused_lstm::cuda {
 
@@ -42,14 +43,14 @@ const void* PersistentKernel<Program>::function() {
 }
 
 template <typename Program>
-void PersistentKernel<Program>::launch(const typename Program::Sequence& seq,
-                                       const PersistentPlan& plan, cudaStream_t stream) {
+cudaError_t PersistentKernel<Program>::launch(const typename Program::Sequence& seq,
+                                              const PersistentPlan& plan, cudaStream_t stream) {
   auto seq_arg = seq;
   auto plan_arg = plan;
   void* args[] = {&seq_arg, &plan_arg};
   const dim3 grid(static_cast<unsigned>(plan.unit_blocks), static_cast<unsigned>(plan.row_groups));
-  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(function(), grid, dim3(kPersistentThreads), args,
-                                             static_cast<size_t>(plan.shared_bytes), stream));
+  return cudaLaunchCooperativeKernel(function(), grid, dim3(kPersistentThreads), args,
+                                     static_cast<size_t>(plan.shared_bytes), stream);
 }
 
 // The forward and backward persistent kernels of one dtype.
@@ -58,3 +59,5 @@ void PersistentKernel<Program>::launch(const typename Program::Sequence& seq,
   template struct PersistentKernel<PersistentProgram<BackwardSequence<scalar_t, acc_t>>>;
 
 }  // namespace fused_lstm::cuda
+
+FUSED_LSTM_DEVICE_CODE_END

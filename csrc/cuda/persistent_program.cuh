@@ -19,12 +19,17 @@
 // to shared memory, and the epilogue (one thread per (unit, row)) adds the splits in a
 // fixed order, so results do not depend on scheduling, then runs the cell (`update` of
 // the step, as the step kernels do). bfloat16/float16 multiply on tensor cores
-// (mma.sync m16n8k16, FP32 accumulation: the activations are rounded to the input's
-// dtype for the product, as cuDNN's are); float32 and float64 with FMAs in their own
-// precision (never TF32).
+// (mma.sync m16n8k16, FP32 accumulation). Their weights are exact in the input's dtype;
+// the activations (float32) are not. Rounded to it once, h broke the accuracy rule in the
+// backward at H = 257 with saturating weights (benchmarks/NOTES.md, "Precision"), so the
+// forward stages and multiplies each chunk twice: hi = round(h), then lo = round(h - hi),
+// and the product carries about twice the input dtype's bits of h. The backward's
+// grad_gates are rounded once (split alone, they changed no figure: the error came from
+// the forward). float32 and float64 multiply with FMAs in their own precision (never TF32).
 //
-// Barriers: per chunk, one after each staging (and one before each further staging) and
-// one after the sums are written; per step, the grid barrier. Memory ordering across
+// Barriers: per chunk (and per part, hi and lo, in the forward on tensor cores), one
+// after each staging (and one before each further staging) and one after the sums are
+// written; per step, the grid barrier. Memory ordering across
 // blocks: all writes of a step happen before the grid barrier
 // (cooperative_groups::grid_group::sync(), which orders memory for the whole grid), all
 // reads of them after it; nothing another block writes is read through the read-only
@@ -40,6 +45,8 @@
 #include <cstring>
 #include <optional>
 #include <type_traits>
+
+FUSED_LSTM_DEVICE_CODE_BEGIN
 
 namespace fused_lstm::cuda {
 
@@ -244,6 +251,10 @@ struct PersistentProgram {
   using acc_t = typename Step::acc_t;
   static constexpr int kGates = Step::kGates;
   static constexpr bool kTensorCores = UsesTensorCores<scalar_t>::value;
+  // Parts staged per activation (see the top of this file): hi, and lo in the forward on
+  // tensor cores. A second pass over the same staging keeps the plan (and its shared
+  // memory) as it is; it reads the chunk from L2 again.
+  static constexpr int kParts = kTensorCores && kGates == 4 ? 2 : 1;
   using Thread = std::conditional_t<kTensorCores, MmaThread, FmaThread<acc_t>>;
 
   static PersistentProblem problem(const Sequence& seq) {
@@ -302,20 +313,22 @@ struct PersistentProgram {
                                        int64_t row_group) {
     const int64_t unit0 = unit_block * plan.units;
     const int64_t group_begin = row_group * plan.group_rows;
-    const int64_t group_end = std::min(p.batch, group_begin + plan.group_rows);
+    const int64_t group_end = min_of(p.batch, group_begin + plan.group_rows);
     for (int64_t n0 = group_begin; n0 < group_end; n0 += plan.chunk_rows()) {
       // The same for every thread of the block: no barrier is skipped by some threads only.
       const bool with_product = n0 < p.product_rows();
       if (with_product) {
         block.for_each_thread([&](int, Thread& th) { clear(th); });
         for (int64_t k0 = 0; k0 < plan.depth; k0 += plan.chunk_depth) {
-          const int64_t length = std::min(plan.chunk_depth, plan.depth - k0);
-          if (k0 > 0) block.sync();  // every warp is done with the previous staging
-          block.for_each_thread([&](int tid, Thread&) {
-            stage(shared, p, plan, n0, group_end, k0, length, tid);
-          });
-          block.sync();
-          multiply(block, shared, plan, k0, length);
+          const int64_t length = min_of(plan.chunk_depth, plan.depth - k0);
+          for (int part = 0; part < kParts; ++part) {
+            if (k0 > 0 || part > 0) block.sync();  // every warp is done with the last staging
+            block.for_each_thread([&](int tid, Thread&) {
+              stage(shared, p, plan, n0, group_end, k0, length, part, tid);
+            });
+            block.sync();
+            multiply(block, shared, plan, k0, length);
+          }
         }
         block.for_each_thread([&](int tid, Thread& th) { write_sums(shared, plan, tid, th); });
         block.sync();
@@ -337,7 +350,8 @@ struct PersistentProgram {
   }
 
   // The activations of rows [n0, n0 + chunk_rows) over columns [k0, k0 + length), in the
-  // input's dtype; zero for rows outside the group and wherever the step has none.
+  // input's dtype (part 0), or what that rounding left (part 1); zero for rows outside the
+  // group and wherever the step has none.
   // Consecutive threads take consecutive columns. Each thread loads kStagedLoads values
   // before it stores any: the loads come from L2, and issued together they wait for it
   // once rather than once each.
@@ -345,7 +359,7 @@ struct PersistentProgram {
 
   C10_HOST_DEVICE static void stage(unsigned char* shared, const Step& p,
                                     const PersistentPlan& plan, int64_t n0, int64_t group_end,
-                                    int64_t k0, int64_t length, int tid) {
+                                    int64_t k0, int64_t length, int part, int tid) {
     scalar_t* a = activations(shared, plan);
     const int columns = static_cast<int>(length);
     const int count = static_cast<int>(plan.chunk_rows()) * columns;
@@ -361,7 +375,9 @@ struct PersistentProgram {
       for (int i = 0; i < kStagedLoads; ++i) {
         const int e = first + i * kPersistentThreads;
         if (e < count) {
-          a[e / columns * plan.activation_stride + e % columns] = static_cast<scalar_t>(values[i]);
+          const scalar_t hi = static_cast<scalar_t>(values[i]);
+          a[e / columns * plan.activation_stride + e % columns] =
+              part == 0 ? hi : static_cast<scalar_t>(values[i] - static_cast<acc_t>(hi));
         }
       }
     }
@@ -521,3 +537,5 @@ C10_HOST_DEVICE void run_persistent(Grid& grid, const typename Program::Sequence
 }
 
 }  // namespace fused_lstm::cuda
+
+FUSED_LSTM_DEVICE_CODE_END
