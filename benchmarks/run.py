@@ -525,6 +525,8 @@ def add_onnxruntime(onnxruntime, label: str, dtype_name: str, modules, steps, x:
               file=sys.stderr)
         return
     row[f"{ORT}_max_error"] = worst["fused_max_error"]
+    row[f"{ORT}_nn_lstm_error"] = worst["nn_lstm_max_error"]  # of the same tensor
+    row[f"{ORT}_allowed_error"] = worst["allowed_error"]
     steps[ORT] = step
 
 
