@@ -63,21 +63,20 @@ class FusedLSTMCell(nn.RNNCellBase):
         """nn.LSTMCell's forward: ``input [B, I]`` or ``[I]``, ``hx = (h_0, c_0)`` each
         ``[B, H]`` or ``[H]`` (zeros if None); returns ``(h_1, c_1)``."""
         dim = input.dim()
-        if dim != 2 and dim != 1:
-            raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {dim}D instead")
-        if dim == 1:
+        if dim != 2:
+            if dim != 1:
+                raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {dim}D instead")
             input = input.unsqueeze(0)
         if hx is None:
             # The op never writes its inputs: one tensor of zeros serves as both states.
             h_0 = c_0 = input.new_zeros(input.size(0), self.hidden_size)
         else:
             if not torch.jit.is_scripting():
-                _check_state_pair(hx)
+                if isinstance(hx, Tensor) or len(hx) != 2:
+                    _refuse_state(hx)
             h_0, c_0 = hx
-            if h_0.dim() != 1 and h_0.dim() != 2:
-                raise ValueError(f"LSTMCell: Expected hx[0] to be 1D or 2D, got {h_0.dim()}D instead")
-            if c_0.dim() != 1 and c_0.dim() != 2:
-                raise ValueError(f"LSTMCell: Expected hx[1] to be 1D or 2D, got {c_0.dim()}D instead")
+            if h_0.dim() != 2 or c_0.dim() != 2:
+                self._check_state_dims(h_0, c_0)
             if dim == 1:
                 h_0, c_0 = h_0.unsqueeze(0), c_0.unsqueeze(0)
         batch, hidden_size = input.size(0), self.hidden_size
@@ -85,10 +84,6 @@ class FusedLSTMCell(nn.RNNCellBase):
                 or h_0.size(1) != hidden_size or c_0.size(0) != batch
                 or c_0.size(1) != hidden_size):
             self._size_error(input, h_0, c_0)
-        # The op checks the dtypes and devices (RuntimeError, as nn.LSTMCell raises), but
-        # for the meta device: a meta tensor sends it to its fake, which checks none.
-        if input.is_meta or h_0.is_meta or c_0.is_meta or self.weight_ih.is_meta:
-            self._check_devices(input, h_0, c_0)
         if torch.jit.is_scripting():
             h_1, c_1 = self._scripted_step(input, h_0, c_0)
         else:
@@ -96,6 +91,12 @@ class FusedLSTMCell(nn.RNNCellBase):
         if dim == 1:
             return h_1.squeeze(0), c_1.squeeze(0)
         return h_1, c_1
+
+    def _check_state_dims(self, h_0: Tensor, c_0: Tensor) -> None:
+        for k, state in enumerate((h_0, c_0)):
+            if state.dim() != 1 and state.dim() != 2:
+                raise ValueError(f"LSTMCell: Expected hx[{k}] to be 1D or 2D, got "
+                                 f"{state.dim()}D instead")
 
     def _size_error(self, input: Tensor, h_0: Tensor, c_0: Tensor) -> None:
         """Raises nn.LSTMCell's error for the first size that is wrong (its C++
@@ -112,24 +113,30 @@ class FusedLSTMCell(nn.RNNCellBase):
                 raise RuntimeError(f"hidden{k} has inconsistent hidden_size: got "
                                    f"{state.size(1)}, expected {self.hidden_size}")
 
-    def _check_devices(self, input: Tensor, h_0: Tensor, c_0: Tensor) -> None:
-        device = input.device
-        for what, t in (("weight", self.weight_ih), ("hx[0]", h_0), ("hx[1]", c_0)):
-            if t.device != device:
-                raise RuntimeError(f"LSTMCell: input is on {device}, {what} on {t.device}")
-
     @torch.jit.unused
     def _step(self, input: Tensor, h_0: Tensor, c_0: Tensor) -> Tuple[Tensor, Tensor]:
         """One step in eager mode, under torch.compile and export: functional.lstm_layer
         on a sequence of one step (it also picks the op's form for torch.func and the ONNX
         translation under export); under autocast, in its dtype, as FusedLSTM."""
-        w_ih, w_hh, b_ih, b_hh = self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
+        # Read from _parameters: nn.Module.__getattr__ costs 0.5 µs a parameter, a tenth of
+        # a small step. A parametrized (or weight-normed) weight is not there: its own
+        # attribute computes it.
+        params = self._parameters
+        try:
+            w_ih, w_hh = params["weight_ih"], params["weight_hh"]
+            b_ih, b_hh = params["bias_ih"], params["bias_hh"]
+        except KeyError:
+            w_ih, w_hh, b_ih, b_hh = self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
+        # The op checks the dtypes and devices (RuntimeError, as nn.LSTMCell raises), but
+        # for the meta device: a meta tensor sends it to its fake, which checks none.
+        if input.is_meta or h_0.is_meta or c_0.is_meta or w_ih.is_meta:
+            _check_devices(input, h_0, c_0, w_ih)
         if torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(input.device.type):
             dtype = torch.get_autocast_dtype(input.device.type)
             input, h_0, c_0, w_ih, w_hh, b_ih, b_hh = (
                 t if t is None or not _autocast_eligible(t) else t.to(dtype)
                 for t in (input, h_0, c_0, w_ih, w_hh, b_ih, b_hh))
-        _, h_1, c_1 = functional.lstm_layer(input.unsqueeze(0), h_0, c_0, w_ih, w_hh, b_ih, b_hh)
+        _, h_1, c_1 = functional.lstm_layer(input[None], h_0, c_0, w_ih, w_hh, b_ih, b_hh)
         return h_1, c_1
 
     def _scripted_step(self, input: Tensor, h_0: Tensor, c_0: Tensor) -> Tuple[Tensor, Tensor]:
@@ -143,13 +150,19 @@ class FusedLSTMCell(nn.RNNCellBase):
         return h_1, c_1
 
 
-def _check_state_pair(hx) -> None:
+def _refuse_state(hx) -> None:
     """nn.LSTMCell's refusals of a state that is not two tensors: TypeError for a tensor,
     RuntimeError for another number of them."""
     if isinstance(hx, Tensor):
         raise TypeError("LSTMCell: hx must be a tuple of two Tensors (h_0, c_0), got a Tensor")
-    if len(hx) != 2:
-        raise RuntimeError("lstm_cell expects two hidden states")
+    raise RuntimeError("lstm_cell expects two hidden states")
+
+
+def _check_devices(input: Tensor, h_0: Tensor, c_0: Tensor, weight: Tensor) -> None:
+    device = input.device
+    for what, t in (("weight", weight), ("hx[0]", h_0), ("hx[1]", c_0)):
+        if t.device != device:
+            raise RuntimeError(f"LSTMCell: input is on {device}, {what} on {t.device}")
 
 
 # A whole saved model loads with torch.load's default weights_only=True (modules.py).

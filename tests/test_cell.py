@@ -196,6 +196,32 @@ def test_constructor_behaves_as_nn_lstm_cell(args, kwargs):
         assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
 
 
+class Scaled(nn.Module):
+    def forward(self, weight):
+        return 0.5 * weight
+
+
+def test_reassigned_parametrized_and_weight_normed_weights_are_used():
+    """The cell reads its weights from _parameters when they are there (faster than the
+    module's attribute lookup), and through the attribute when something else provides it."""
+    x = torch.randn(2, 3, **F64)
+    for change in ("reassign", "parametrize", "weight_norm"):
+        theirs, ours = pair(**F64)
+        weight_hh = torch.randn(20, 5, **F64)
+        for cell in (theirs, ours):
+            if change == "reassign":
+                cell.weight_hh = nn.Parameter(weight_hh.clone())
+            elif change == "parametrize":
+                nn.utils.parametrize.register_parametrization(cell, "weight_ih", Scaled())
+            else:
+                with pytest.warns(FutureWarning):
+                    nn.utils.weight_norm(cell, "weight_hh")
+        before = ours(x, ours(x))
+        assert all(max_error(a, b) < 1e-13 for a, b in zip(before, theirs(x, theirs(x))))
+        grads = torch.autograd.grad(before[0].sum(), list(ours.parameters()))
+        assert all(g.abs().sum() > 0 for g in grads)
+
+
 X, H = torch.randn(2, 3), torch.randn(2, 5)
 BAD_INPUTS = {
     "3-D input": (torch.randn(1, 2, 3), None),
