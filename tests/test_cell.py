@@ -2,8 +2,10 @@
 gradient, bad input; one step of FusedLSTM; and the rest of PyTorch around it (torch.func,
 torch.compile, torch.export, TorchScript, ONNX, autocast, the meta device, saving, DDP)."""
 import copy
+import importlib.util
 import io
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -278,9 +280,10 @@ def test_vmap_over_inputs_matches_a_loop(unbatched):
     xs = torch.randn(*shape, 3, **F64)
     hs, cs = torch.randn(*shape, 4, **F64), torch.randn(*shape, 4, **F64)
     h, c = vmap(lambda x, h, c: cell(x, (h, c)))(xs, hs, cs)
-    per_sample = vmap(grad(lambda p, x, h, c: functional_call(cell, p, (x, (h, c)))[0].pow(2).sum()),
-                      in_dims=(None, 0, 0, 0))({k: v.detach() for k, v in cell.named_parameters()},
-                                               xs, hs, cs)
+    def loss(params, x, h, c):
+        return functional_call(cell, params, (x, (h, c)))[0].pow(2).sum()
+    params = {k: v.detach() for k, v in cell.named_parameters()}
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0, 0))(params, xs, hs, cs)
     for k in range(5):
         expected = cell(xs[k], (hs[k], cs[k]))
         assert max_error(h[k], expected[0]) < 1e-13 and max_error(c[k], expected[1]) < 1e-13
@@ -498,3 +501,32 @@ def test_distributed_data_parallel_averages_the_gradients(tmp_path):
     mp.spawn(_ddp_worker, args=(str(tmp_path), model.state_dict(), x), nprocs=2, join=True)
     for ddp_grad, a, b in zip(torch.load(tmp_path / "grads.pt"), *single):
         assert max_error(ddp_grad, (a + b) / 2) < 1e-12
+
+
+# --- the benchmark ----------------------------------------------------------------------------
+
+def load_benchmark():
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "cell.py"
+    spec = importlib.util.spec_from_file_location("benchmark_cell", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_runs_and_stops_on_a_wrong_cell(monkeypatch, capsys):
+    bench = load_benchmark()
+    threads = torch.get_num_threads()
+    tiny = ["--batch", "2", "--hidden", "4", "--steps", "3", "--quick", "--threads", "1"]
+    try:
+        rows = bench.main(tiny)
+        table = capsys.readouterr().out
+        assert "torch capability" in table and "threads" in table
+        assert "| 2 | 4 | inference |" in table and "| 2 | 4 | training step |" in table
+        assert all(row["fused_ms"] > 0 and row["fused_max_error"] < 1e-5 for row in rows)
+        step = FusedLSTMCell._step
+        monkeypatch.setattr(FusedLSTMCell, "_step",
+                            lambda self, x, h, c: [t * 1.001 for t in step(self, x, h, c)])
+        with pytest.raises(SystemExit, match="FusedLSTMCell is wrong"):
+            bench.main(tiny + ["--mode", "fwd"])
+    finally:
+        torch.set_num_threads(threads)
