@@ -233,8 +233,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for batch in args.batch:
         for hidden in args.hidden:
             for mode in args.mode:
-                print(f"B={batch} H={hidden} {MODE_LABELS[mode]}...", file=sys.stderr)
                 rows.append(run_case(batch, hidden, mode, args))
+                print(f"B={batch} H={hidden} {MODE_LABELS[mode]}: FusedLSTMCell ÷ nn.LSTMCell "
+                      f"{rows[-1]['fused_over_nn_lstm_cell']:.2f}", file=sys.stderr)
     print(header(info, args))
     print()
     print(markdown_table(rows))
