@@ -6,7 +6,8 @@
 """
 from . import reference
 from ._version import __version__
+from .cell import FusedLSTMCell
 from .functional import lstm_layer
 from .modules import FusedLSTM, ReferenceLSTM
 
-__all__ = ["FusedLSTM", "ReferenceLSTM", "lstm_layer", "reference", "__version__"]
+__all__ = ["FusedLSTM", "FusedLSTMCell", "ReferenceLSTM", "lstm_layer", "reference", "__version__"]
