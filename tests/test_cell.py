@@ -69,7 +69,10 @@ def compare(sizes, dtype, batch=4, steps=3, unbatched=False, with_state=True, bi
 # --- the module against nn.LSTMCell ---------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("sizes,batch", [((3, 5), 4), ((7, 1), 3), ((5, 33), 1), ((9, 257), 2),
+# H = 1 with a batch of 64: the rule compares largest errors, and those of a tensor of a few
+# values are chance (at B = 3 in bfloat16, ours failed 2 seeds of 40 while its mean error
+# over the 40 was 0.6 of nn.LSTMCell's)
+@pytest.mark.parametrize("sizes,batch", [((3, 5), 4), ((7, 1), 64), ((5, 33), 1), ((9, 257), 2),
                                          ((33, 16), 1)], ids=str)
 def test_outputs_and_gradients_as_accurate_as_nn_lstm_cell(dtype, sizes, batch):
     compare(sizes, dtype, batch)
@@ -147,7 +150,11 @@ def test_a_cell_over_a_sequence_is_one_layer_of_fused_lstm(dtype):
     output, (h_n, c_n) = lstm(xs, tuple(h.unsqueeze(0) for h in hx))
     layer = (output, h_n[0], c_n[0])
     reference, (h_ref, c_ref) = exact(xs.double(), tuple(h.double().unsqueeze(0) for h in hx))
-    assert_as_accurate_as(stepped, layer, (reference, h_ref[0], c_ref[0]))
+    if dtype == torch.float64:  # the rule is for the dtypes a float64 run is more precise than
+        for a, b in zip(stepped, layer):
+            assert max_error(a, b) < 1e-12
+    else:
+        assert_as_accurate_as(stepped, layer, (reference, h_ref[0], c_ref[0]))
     single, (h_1, c_1) = lstm(xs[:1], tuple(h.unsqueeze(0) for h in hx))
     assert torch.equal(cell(xs[0], hx)[0], h_1[0]) and torch.equal(cell(xs[0], hx)[1], c_1[0])
 
