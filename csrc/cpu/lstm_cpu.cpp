@@ -19,6 +19,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
+#include <ATen/native/CPUBlas.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
@@ -28,33 +29,61 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 namespace fused_lstm::cpu {
 
 namespace {
 
-// Whether this build has the AVX2 kernels (setup.py compiles them on x86-64) and this
-// CPU runs them, as torch sees it (so ATEN_CPU_CAPABILITY=default turns them off too).
-bool use_avx2() {
+// The best build of the kernels that this CPU runs, as torch sees it (so that
+// ATEN_CPU_CAPABILITY=avx2 or =default selects the lower builds too). setup.py compiles the
+// AVX2 and AVX-512 builds on x86-64 only.
+enum class Capability { kDefault, kAvx2, kAvx512 };
+
+Capability capability() {
 #if defined(FUSED_LSTM_HAVE_AVX2)
-  const std::string capability = at::get_cpu_capability();
-  return capability == "AVX2" || capability == "AVX512";
+  const std::string torch_capability = at::get_cpu_capability();
+  if (torch_capability == "AVX512") return Capability::kAvx512;
+  if (torch_capability == "AVX2") return Capability::kAvx2;
+#endif
+  return Capability::kDefault;
+}
+
+}  // namespace
+
+const char* cpu_capability() {
+  switch (capability()) {
+    case Capability::kAvx512: return "AVX512";
+    case Capability::kAvx2: return "AVX2";
+    default: return "DEFAULT";
+  }
+}
+
+bool has_library_product() {
+#if defined(CPUBLAS_BRGEMM_F32F32F32)
+  // Where torch runs AVX-512 (oneDNN generates the kernel for the CPU itself). Measured on
+  // an AMD EPYC Zen 5 (see the commit that chose it); on AVX2-only CPUs, unmeasured, our
+  // kernels and MKL stay.
+  return capability() == Capability::kAvx512;
 #else
   return false;
 #endif
 }
 
-}  // namespace
-
-const char* cpu_capability() { return use_avx2() ? "AVX2" : "DEFAULT"; }
+template <typename scalar_t>
+CpuKernels<scalar_t> pick_cpu_kernels() {
+  switch (capability()) {
+#if defined(FUSED_LSTM_HAVE_AVX2)
+    case Capability::kAvx512: return AVX512::make_cpu_kernels<scalar_t>();
+    case Capability::kAvx2: return AVX2::make_cpu_kernels<scalar_t>();
+#endif
+    default: return DEFAULT::make_cpu_kernels<scalar_t>();
+  }
+}
 
 template <typename scalar_t>
 const CpuKernels<scalar_t>& cpu_kernels() {
-  static const CpuKernels<scalar_t> kernels =
-#if defined(FUSED_LSTM_HAVE_AVX2)
-      use_avx2() ? AVX2::make_cpu_kernels<scalar_t>() :
-#endif
-                 DEFAULT::make_cpu_kernels<scalar_t>();
+  static const CpuKernels<scalar_t> kernels = pick_cpu_kernels<scalar_t>();
   return kernels;
 }
 
@@ -68,6 +97,55 @@ bool use_persistent(bool projected) {
   if (projected) return false;
   const char* forced = std::getenv("FUSED_LSTM_CPU_PATH");
   return forced == nullptr || std::strcmp(forced, "stepwise") != 0;
+}
+
+// Whether the recurrent products of this call run ATen's brgemm (kernels.h) rather than
+// our kernel: float32 where has_library_product(), for batches of at least 4 rows (a
+// single row is a matrix-vector product bound by reading w_hh, where ours is as fast and
+// needs no kernel generated per shape). FUSED_LSTM_CPU_PRODUCT=ours|library forces either
+// (tests and benchmarks compare the two).
+template <typename scalar_t>
+bool use_library_product(int64_t batch) {
+  if (!std::is_same_v<scalar_t, float> || !has_library_product()) return false;
+  const char* forced = std::getenv("FUSED_LSTM_CPU_PRODUCT");
+  if (forced != nullptr && std::strcmp(forced, "ours") == 0) return false;
+  if (forced != nullptr && std::strcmp(forced, "library") == 0) return true;
+  return batch >= 4;
+}
+
+// gates2d = bias + x2d·w_ihᵀ. With the library product, by brgemm over tiles of the
+// output (oneDNN's kernel: 180 against MKL's 110 GFLOP/s on one Zen 5 core for the mid
+// shape), the bias written into each tile just before its product.
+template <typename scalar_t>
+void input_projection(const at::Tensor& x2d, const at::Tensor& w_ih, const at::Tensor& bias,
+                      at::Tensor& gates2d, bool library) {
+  if (!library) {
+    if (bias.defined()) {
+      at::addmm_out(gates2d, bias, x2d, w_ih.t());
+    } else {
+      at::mm_out(gates2d, x2d, w_ih.t());
+    }
+    return;
+  }
+  constexpr int64_t kTile = 256;
+  const int64_t M = x2d.size(0), K = x2d.size(1), N = gates2d.size(1);
+  const at::Tensor w_t = w_ih.t().contiguous();  // [K, N], as brgemm reads B
+  const scalar_t* a = x2d.data_ptr<scalar_t>();
+  const scalar_t* b = w_t.data_ptr<scalar_t>();
+  const scalar_t* bias_p = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
+  scalar_t* c = gates2d.data_ptr<scalar_t>();
+  const int64_t m_tiles = (M + kTile - 1) / kTile, n_tiles = (N + kTile - 1) / kTile;
+  at::parallel_for(0, m_tiles * n_tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t m0 = tile / n_tiles * kTile, n0 = tile % n_tiles * kTile;
+      const int64_t rows = std::min(kTile, M - m0), cols = std::min(kTile, N - n0);
+      scalar_t* c_tile = c + m0 * N + n0;
+      if (bias_p != nullptr) {
+        for (int64_t r = 0; r < rows; ++r) std::copy_n(bias_p + n0, cols, c_tile + r * N);
+      }
+      library_product(rows, cols, K, a + m0 * K, K, b + n0, N, c_tile, N, bias_p != nullptr);
+    }
+  });
 }
 
 // Calls fn(row, j0, j1) for rows [0, rows) and hidden units [0, H) split in chunks,
@@ -158,16 +236,13 @@ ForwardResult forward_impl(const Dims& d, const std::vector<int64_t>& live, cons
 
   const at::Tensor x2d = x.view({T * B, d.input_size});
   at::Tensor gates2d = gates.view({T * B, 4 * H});
-  if (bias.defined()) {
-    at::addmm_out(gates2d, bias, x2d, w_ih.t());
-  } else {
-    at::mm_out(gates2d, x2d, w_ih.t());
-  }
+  const bool library = use_library_product<scalar_t>(B);
+  input_projection<scalar_t>(x2d, w_ih, bias, gates2d, library);
 
   const auto& kernels = cpu_kernels<scalar_t>();
   if (use_persistent(projected)) {
     at::Tensor workspace = at::empty({kernels.recurrent_workspace_size(H)}, opts);
-    kernels.recurrent_forward({T, B, H, live.data(), reverse, w_hh.data_ptr<scalar_t>(),
+    kernels.recurrent_forward({T, B, H, live.data(), reverse, library, w_hh.data_ptr<scalar_t>(),
                                workspace.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(),
                                c0.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(),
                                cells.data_ptr<scalar_t>(), output.data_ptr<scalar_t>()});
@@ -259,7 +334,8 @@ BackwardResult backward_impl(const Dims& d, const std::vector<int64_t>& live,
   if (use_persistent(projected)) {
     at::Tensor workspace = at::empty({kernels.recurrent_workspace_size(H)}, opts);
     kernels.recurrent_backward(
-        {T, B, H, live.data(), reverse, w_hh.data_ptr<scalar_t>(), workspace.data_ptr<scalar_t>(),
+        {T, B, H, live.data(), reverse, use_library_product<scalar_t>(B),
+         w_hh.data_ptr<scalar_t>(), workspace.data_ptr<scalar_t>(),
          c0.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), cells.data_ptr<scalar_t>(),
          grad_output.defined() ? grad_output.data_ptr<scalar_t>() : nullptr,
          grad_h.data_ptr<scalar_t>(), grad_c.data_ptr<scalar_t>(), grad_gates.data_ptr<scalar_t>()});
@@ -326,7 +402,7 @@ BackwardResult backward_cpu(const std::optional<at::Tensor>& grad_output,
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fused_lstm, m) {
-  // Which build of the CPU element-wise kernels runs here: "AVX2" or "DEFAULT".
+  // Which build of the CPU kernels runs here: "AVX512", "AVX2" or "DEFAULT".
   m.def("cpu_capability() -> str", [] { return std::string(cpu_capability()); });
 }
 
