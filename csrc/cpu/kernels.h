@@ -49,6 +49,7 @@ struct RecurrentForward {
   const int64_t* live;  // [T]: live rows per step
   bool reverse;
   bool library_product;
+  bool pack;             // pack w_hh into workspace first (false: an earlier call did)
   const scalar_t* w_hh;  // [4H, H]
   scalar_t* workspace;   // recurrent_workspace_size(H) elements
   const scalar_t* h0;    // [B, H]

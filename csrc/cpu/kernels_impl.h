@@ -380,22 +380,23 @@ void recurrent_forward(const RecurrentForward<scalar_t>& a) {
   const int64_t gate_panels = panels_per_gate<scalar_t>(H);
   for_each_thread_slice<scalar_t>(H, [&](int64_t first, int64_t end, const auto& barrier) {
     const int64_t u0 = std::min(H, first * PW), u1 = std::min(H, end * PW), units = u1 - u0;
-    // This thread's rows of w_hh, gate by gate. For our kernel in panels of PW units:
-    // value (k, x) of panel (q, j) is w_hh[q*H + j*PW + x][k]. For the library's, gate q
-    // as one [H, units] matrix: value (k, x) is w_hh[q*H + u0 + x][k].
+    // w_hh gate by gate, each thread packing its own units. For our kernel in panels of
+    // PW units: value (k, x) of panel (q, j) is w_hh[q*H + j*PW + x][k]. For the
+    // library's, gate q as one [H, H] matrix: value (k, u) is w_hh[q*H + u][k]. Neither
+    // layout depends on how the units are split, so a later call may reuse it.
     std::vector<Panel<scalar_t>> panels;
     for (int64_t q = 0; q < 4; ++q) {
       if (a.library_product) {
-        scalar_t* packed = a.workspace + q * H * H + u0 * H;
-        for (int64_t k = 0; k < H; ++k) {
-          for (int64_t x = 0; x < units; ++x) packed[k * units + x] = a.w_hh[(q * H + u0 + x) * H + k];
+        scalar_t* packed = a.workspace + q * H * H;
+        for (int64_t k = 0; a.pack && k < H; ++k) {
+          for (int64_t u = u0; u < u1; ++u) packed[k * H + u] = a.w_hh[(q * H + u) * H + k];
         }
         continue;
       }
       for (int64_t j = first; j < end; ++j) {
         scalar_t* packed = a.workspace + (q * gate_panels + j) * H * PW;
         const int64_t count = std::min(PW, H - j * PW);
-        for (int64_t k = 0; k < H; ++k) {
+        for (int64_t k = 0; a.pack && k < H; ++k) {
           for (int64_t x = 0; x < PW; ++x) {
             packed[k * PW + x] = x < count ? a.w_hh[(q * H + j * PW + x) * H + k] : scalar_t(0);
           }
@@ -414,11 +415,11 @@ void recurrent_forward(const RecurrentForward<scalar_t>& a) {
         if (a.library_product) {
           // Rows carried over read the previous step's h, the others h0.
           for (int64_t q = 0; q < 4; ++q) {
-            const scalar_t* packed = a.workspace + q * H * H + u0 * H;
+            const scalar_t* packed = a.workspace + q * H * H + u0;
             scalar_t* c = gates + q * H + u0;
-            library_product(step.carried, units, H, prev_output, H, packed, units, c, 4 * H, true);
+            library_product(step.carried, units, H, prev_output, H, packed, H, c, 4 * H, true);
             library_product(step.live - step.carried, units, H, a.h0 + step.carried * H, H, packed,
-                            units, c + step.carried * 4 * H, 4 * H, true);
+                            H, c + step.carried * 4 * H, 4 * H, true);
           }
         } else {
           multiply_panels<scalar_t, true>(
