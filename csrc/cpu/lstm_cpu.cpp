@@ -120,12 +120,13 @@ bool use_library_product(int64_t batch) {
   return batch >= 4;
 }
 
-// gates2d = bias + x2d·w_ihᵀ. With the library product, by brgemm over tiles of the
-// output (oneDNN's kernel: 180 against MKL's 110 GFLOP/s on one Zen 5 core for the mid
-// shape), the bias written into each tile just before its product.
+// gates2d = bias + x2d·w_ihᵀ. With the library product (w_ih_t = w_ihᵀ contiguous, made
+// once per call), by brgemm over tiles of the output (oneDNN's kernel: 180 against MKL's
+// 110 GFLOP/s on one Zen 5 core for the mid shape), the bias written into each tile just
+// before its product.
 template <typename scalar_t>
-void input_projection(const at::Tensor& x2d, const at::Tensor& w_ih, const at::Tensor& bias,
-                      at::Tensor& gates2d, bool library) {
+void input_projection(const at::Tensor& x2d, const at::Tensor& w_ih, const at::Tensor& w_ih_t,
+                      const at::Tensor& bias, at::Tensor& gates2d, bool library) {
   if (!library) {
     if (bias.defined()) {
       at::addmm_out(gates2d, bias, x2d, w_ih.t());
@@ -136,9 +137,8 @@ void input_projection(const at::Tensor& x2d, const at::Tensor& w_ih, const at::T
   }
   constexpr int64_t kTile = 256;
   const int64_t M = x2d.size(0), K = x2d.size(1), N = gates2d.size(1);
-  const at::Tensor w_t = w_ih.t().contiguous();  // [K, N], as brgemm reads B
   const scalar_t* a = x2d.data_ptr<scalar_t>();
-  const scalar_t* b = w_t.data_ptr<scalar_t>();
+  const scalar_t* b = w_ih_t.data_ptr<scalar_t>();
   const scalar_t* bias_p = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
   scalar_t* c = gates2d.data_ptr<scalar_t>();
   const int64_t m_tiles = (M + kTile - 1) / kTile, n_tiles = (N + kTile - 1) / kTile;
@@ -255,6 +255,7 @@ ForwardResult forward_impl(const Dims& d, const std::vector<int64_t>& live, cons
   at::Tensor c_n = at::empty({B, H}, opts);
 
   const bool library = use_library_product<scalar_t>(B);
+  const at::Tensor w_ih_t = library ? w_ih.t().contiguous() : at::Tensor();  // [I, 4H]
   const bool persistent = use_persistent(projected, T);
   const auto& kernels = cpu_kernels<scalar_t>();
   at::Tensor workspace =
@@ -283,7 +284,7 @@ ForwardResult forward_impl(const Dims& d, const std::vector<int64_t>& live, cons
     at::Tensor out = output.narrow(0, t0, steps);
     at::Tensor g2d = g.view({steps * B, 4 * H});
     input_projection<scalar_t>(x.narrow(0, t0, steps).reshape({steps * B, d.input_size}), w_ih,
-                               bias, g2d, library);
+                               w_ih_t, bias, g2d, library);
     if (persistent) {
       kernels.recurrent_forward({steps, B, H, live_chunk.data(), reverse, library, first == 0,
                                  w_hh.data_ptr<scalar_t>(), workspace.data_ptr<scalar_t>(),
