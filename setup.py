@@ -44,7 +44,11 @@ def _want_cuda():
 
 # Sources compiled a second time with these flags, their kernels picked at run time
 # only on CPUs that have the instructions (csrc/cpu/kernels.h).
-ISA_SOURCES = {"csrc/cpu/kernels_avx2.cpp": ["-mavx2", "-mfma"]}
+ISA_SOURCES = {
+    "csrc/cpu/kernels_avx2.cpp": ["-mavx2", "-mfma"],
+    "csrc/cpu/kernels_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+                                    "-mfma"],
+}
 
 
 class BuildWithIsaFlags(BuildExtension):

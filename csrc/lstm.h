@@ -1,8 +1,9 @@
 // The op of one LSTM layer in one direction: declarations shared by every device.
 //
 // forward(input[T,B,I], h0[B,P], c0[B,H], w_ih[4H,I], w_hh[4H,P], bias[4H]?, w_hr[P,H]?,
-//         batch_sizes[T]?, reverse)
+//         batch_sizes[T]?, reverse, save_for_backward = true)
 //   -> output[T,B,P], h_n[B,P], c_n[B,H], gates[T,B,4H], cells[T,B,H]
+//   (gates and cells empty, [0], with save_for_backward = false)
 //
 // Gate rows are nn.LSTM's [i | f | g | o]. P is the projection size when w_hr is given,
 // else H. `gates` holds the activated gates and `cells` the cell state c_t of every step:

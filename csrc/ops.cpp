@@ -13,10 +13,12 @@ PyMODINIT_FUNC PyInit__C(void) {
 }
 
 TORCH_LIBRARY(fused_lstm, m) {
-  // See lstm.h for the meaning of every argument and output.
+  // See lstm.h for the meaning of every argument and output. save_for_backward=False
+  // (inference) returns gates and cells empty, and the CPU kernel never holds them for
+  // more than a chunk of steps.
   m.def(
       "forward(Tensor input, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? bias, "
-      "Tensor? w_hr, Tensor? batch_sizes, bool reverse) "
+      "Tensor? w_hr, Tensor? batch_sizes, bool reverse, bool save_for_backward=True) "
       "-> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)");
   // Undefined grad_output/grad_h_n/grad_c_n count as zeros. grad_bias is always
   // computed; grad_w_hr is empty without w_hr; grad_input is empty with input_grad=False

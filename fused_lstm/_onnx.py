@@ -65,7 +65,8 @@ def lstm_layer(
     return y.squeeze(1), y_h.squeeze(0), y_c.squeeze(0)
 
 
-def _torchscript_symbolic(g, input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse):
+def _torchscript_symbolic(g, input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse,
+                          save_for_backward=True):
     """fused_lstm::forward for the TorchScript exporter: functional.lstm_layer sends only
     what :func:`expressible` accepts here (no w_hr, no batch_sizes). gates and cells, the
     op's state saved for backward, have no ONNX counterpart: an exported graph never uses
@@ -99,7 +100,7 @@ def register_torchscript_symbolic() -> None:
     """Registers :func:`_torchscript_symbolic` where the TorchScript exporter still exists."""
     from torch.onnx import symbolic_helper
 
-    parse = symbolic_helper.parse_args("v", "v", "v", "v", "v", "v", "v", "v", "b")
+    parse = symbolic_helper.parse_args("v", "v", "v", "v", "v", "v", "v", "v", "b", "b")
     torch.onnx.register_custom_op_symbolic("fused_lstm::forward", parse(_torchscript_symbolic), 7)
 
 

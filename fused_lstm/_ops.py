@@ -24,18 +24,19 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @torch.library.register_fake("fused_lstm::forward")
-def _forward_fake(input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse):
+def _forward_fake(input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse,
+                  save_for_backward=True):
     torch._check(input.dim() == 3, lambda: f"fused_lstm: expected a 3-D input, got {input.dim()}-D")
     seq_len, batch, _ = input.shape
     hidden4, out_size = w_hh.shape
     hidden = hidden4 // 4
     acc = accumulate_dtype(input.dtype)
+    saved = (seq_len, batch, hidden4), (seq_len, batch, hidden)
     return (
         input.new_empty(seq_len, batch, out_size),
         input.new_empty(batch, out_size),
         input.new_empty(batch, hidden),
-        input.new_empty(seq_len, batch, hidden4, dtype=acc),
-        input.new_empty(seq_len, batch, hidden, dtype=acc),
+        *(input.new_empty(shape if save_for_backward else (0,), dtype=acc) for shape in saved),
     )
 
 
@@ -54,7 +55,7 @@ def _backward_fake(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, w
 
 
 def _setup_context(ctx, inputs, output):
-    input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse = inputs
+    input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse = inputs[:9]
     out, _, _, gates, cells = output
     ctx.save_for_backward(input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, out, gates, cells)
     ctx.reverse = reverse
@@ -272,6 +273,24 @@ def needs_function_form() -> bool:
             or torch.autograd.forward_ad._current_level >= 0)
 
 
+def needs_saving(args) -> bool:
+    """Whether a forward with these arguments may be differentiated: grad mode on and some
+    tensor requiring grad. Otherwise nothing is kept for a backward."""
+    return torch.is_grad_enabled() and any(
+        isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+
+
+def forward_inference(*args):
+    """The forward op with save_for_backward=False: output, h_n, c_n. Outside
+    torch.compile it dispatches below autograd, which would only pass it through (its
+    registered formula costs microseconds of Python per call: a streaming model calls
+    the op once per frame)."""
+    if torch.compiler.is_compiling():
+        return forward(*args, False)[:3]
+    with torch._C._AutoDispatchBelowAutograd():
+        return forward(*args, False)[:3]
+
+
 def _member(arg, in_dim, n):
     return arg if in_dim is None else arg.select(in_dim, n)
 
@@ -297,8 +316,9 @@ def _fold(t, in_dim, batch_dim, size):
 
 
 @torch.library.register_vmap("fused_lstm::forward")
-def _forward_vmap(info, in_dims, input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse):
-    args = (input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse)
+def _forward_vmap(info, in_dims, input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse,
+                  save_for_backward=True):
+    args = (input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse, save_for_backward)
     if any(d is not None for d in in_dims[3:]):
         return _per_member(forward, info, in_dims, args)
     # Shared weights (per-sample gradients, a batch of independent inputs): one call over
@@ -311,11 +331,13 @@ def _forward_vmap(info, in_dims, input, h0, c0, w_ih, w_hh, bias, w_hr, batch_si
     if batch_sizes is not None:
         batch_sizes = batch_sizes * size
     output, h_n, c_n, gates, cells = forward(input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes,
-                                             reverse)
+                                             reverse, save_for_backward)
     unfolded = (output.unflatten(1, (-1, size)), h_n.unflatten(0, (-1, size)),
-                c_n.unflatten(0, (-1, size)), gates.unflatten(1, (-1, size)),
-                cells.unflatten(1, (-1, size)))
-    return unfolded, (2, 1, 1, 2, 2)
+                c_n.unflatten(0, (-1, size)))
+    if not save_for_backward:  # gates and cells are empty: nothing per member
+        return (*unfolded, gates, cells), (2, 1, 1, None, None)
+    return (*unfolded, gates.unflatten(1, (-1, size)), cells.unflatten(1, (-1, size))), \
+        (2, 1, 1, 2, 2)
 
 
 @torch.library.register_vmap("fused_lstm::backward")

@@ -63,8 +63,10 @@ def lstm_layer(
     args = (input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse)
     if _ops.needs_function_form():
         output, h_n, c_n, _, _ = _ops.ForwardFunction.apply(*args)
-    else:
+    elif _ops.needs_saving(args) or torch.jit.is_tracing():
         output, h_n, c_n, _, _ = _ops.forward(*args)
+    else:
+        output, h_n, c_n = _ops.forward_inference(*args)
     return output, h_n, c_n
 
 

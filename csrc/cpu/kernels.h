@@ -1,6 +1,7 @@
-// CPU kernels that are compiled once per CPU capability (kernels_default.cpp, and
-// kernels_avx2.cpp with -mavx2 -mfma): kernels_impl.h holds their bodies, written with the
-// compiler's vector types. cpu_kernels() picks the best build this CPU runs.
+// CPU kernels that are compiled once per CPU capability (kernels_default.cpp,
+// kernels_avx2.cpp with -mavx2 -mfma, kernels_avx512.cpp with AVX-512 F/BW/VL/DQ):
+// kernels_impl.h holds their bodies, written with the compiler's vector types.
+// cpu_kernels() picks the best build this CPU runs.
 //
 // Two families:
 // - Element-wise kernels over one row and a range of hidden units (gate activations and
@@ -9,10 +10,16 @@
 //   Thread k owns a slice of hidden units for the whole sequence: it keeps its w_hh rows
 //   packed in panels for its own small-matrix kernel, computes the four gates of its
 //   units (recurrent GEMM + activations + cell update) and meets the other threads at
-//   one barrier per step. No projection (P = H).
+//   one barrier per step. No projection (P = H). With `library_product` (float32 only,
+//   where has_library_product()), the recurrent GEMM of each step is ATen's
+//   cpublas::brgemm (oneDNN's micro-kernel, generated for the CPU at hand) instead of ours.
 #pragma once
 
+#include <ATen/native/CPUBlas.h>
+#include <c10/util/Exception.h>
+
 #include <cstdint>
+#include <type_traits>
 
 namespace fused_lstm::cpu {
 
@@ -41,6 +48,8 @@ struct RecurrentForward {
   int64_t seq_len, batch, hidden;
   const int64_t* live;  // [T]: live rows per step
   bool reverse;
+  bool library_product;
+  bool pack;             // pack w_hh into workspace first (false: an earlier call did)
   const scalar_t* w_hh;  // [4H, H]
   scalar_t* workspace;   // recurrent_workspace_size(H) elements
   const scalar_t* h0;    // [B, H]
@@ -56,6 +65,7 @@ struct RecurrentBackward {
   int64_t seq_len, batch, hidden;
   const int64_t* live;
   bool reverse;
+  bool library_product;
   const scalar_t* w_hh;         // [4H, H]
   scalar_t* workspace;          // recurrent_workspace_size(H) elements
   const scalar_t* c0;           // [B, H]
@@ -78,11 +88,31 @@ struct CpuKernels {
   int64_t (*recurrent_workspace_size)(int64_t H);
 };
 
-// The kernels for the best capability of this CPU that this build has ("AVX2" or
-// "DEFAULT", as cpu_capability() names it).
+// The kernels for the best capability of this CPU that this build has ("AVX512", "AVX2"
+// or "DEFAULT", as cpu_capability() names it).
 template <typename scalar_t>
 const CpuKernels<scalar_t>& cpu_kernels();
 const char* cpu_capability();
+
+// Whether this build and CPU run ATen's cpublas::brgemm for float32 (the persistent
+// kernels' library_product and the input projection).
+bool has_library_product();
+
+// C[rows, N] (+)= A[rows, K] * B[K, N] by ATen's cpublas::brgemm (row-major, leading
+// dimensions given): float32 only, where has_library_product() holds.
+template <typename scalar_t>
+inline void library_product(int64_t rows, int64_t N, int64_t K, const scalar_t* a, int64_t ld_a,
+                     const scalar_t* b, int64_t ld_b, scalar_t* c, int64_t ld_c, bool accumulate) {
+#if defined(CPUBLAS_BRGEMM_F32F32F32)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (rows > 0) {
+      at::native::cpublas::brgemm(rows, N, K, ld_a, ld_b, ld_c, accumulate, a, b, c, false);
+    }
+    return;
+  }
+#endif
+  TORCH_INTERNAL_ASSERT(false, "fused_lstm: the library product is float32 only");
+}
 
 // Declared per capability; defined by the files that compile kernels_impl.h.
 namespace DEFAULT {
@@ -90,6 +120,10 @@ template <typename scalar_t>
 CpuKernels<scalar_t> make_cpu_kernels();
 }
 namespace AVX2 {
+template <typename scalar_t>
+CpuKernels<scalar_t> make_cpu_kernels();
+}
+namespace AVX512 {
 template <typename scalar_t>
 CpuKernels<scalar_t> make_cpu_kernels();
 }

@@ -1,11 +1,11 @@
 // Bodies of the kernels declared in kernels.h. Included by one .cpp per CPU capability,
-// each of which defines CPU_CAPABILITY (and CPU_CAPABILITY_AVX2 for the AVX2 build) and is
-// compiled with that capability's instruction set.
+// each of which defines CPU_CAPABILITY (and CPU_CAPABILITY_AVX2 or CPU_CAPABILITY_AVX512)
+// and is compiled with that capability's instruction set.
 //
-// The kernels are written with the compiler's vector types (32 bytes: 8 floats or 4
-// doubles) rather than at::vec::Vectorized, so that the small-matrix kernel keeps its
-// accumulators in registers and the activations inline: the float exp below is a few
-// instructions where a library call costs many more.
+// The kernels are written with the compiler's vector types (64 bytes in the AVX-512
+// build, 32 in the others: 16 or 8 floats) rather than at::vec::Vectorized, so that the
+// small-matrix kernel keeps its accumulators in registers and the activations inline: the
+// float exp below is a few instructions where a library call costs many more.
 #pragma once
 
 #include "kernels.h"
@@ -18,7 +18,7 @@
 #include <limits>
 #include <vector>
 
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
 #endif
 #ifdef _OPENMP
@@ -27,17 +27,23 @@
 
 namespace fused_lstm::cpu::CPU_CAPABILITY {
 
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kVectorBytes = 64;
+#else
+constexpr int kVectorBytes = 32;
+#endif
+
 template <typename scalar_t>
 struct Lanes;
 template <>
 struct Lanes<float> {
-  typedef float type __attribute__((vector_size(32)));
-  typedef int32_t mask __attribute__((vector_size(32)));
+  typedef float type __attribute__((vector_size(kVectorBytes)));
+  typedef int32_t mask __attribute__((vector_size(kVectorBytes)));
 };
 template <>
 struct Lanes<double> {
-  typedef double type __attribute__((vector_size(32)));
-  typedef int64_t mask __attribute__((vector_size(32)));
+  typedef double type __attribute__((vector_size(kVectorBytes)));
+  typedef int64_t mask __attribute__((vector_size(kVectorBytes)));
 };
 template <typename scalar_t>
 using lanes_t = typename Lanes<scalar_t>::type;
@@ -58,14 +64,18 @@ inline lanes_t<scalar_t> select(mask_t<scalar_t> m, lanes_t<scalar_t> a, lanes_t
 }
 
 inline lanes_t<float> fmadd(lanes_t<float> a, lanes_t<float> b, lanes_t<float> c) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+  return (lanes_t<float>)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(CPU_CAPABILITY_AVX2)
   return (lanes_t<float>)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
 #else
   return a * b + c;
 #endif
 }
 inline lanes_t<double> fmadd(lanes_t<double> a, lanes_t<double> b, lanes_t<double> c) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+  return (lanes_t<double>)_mm512_fmadd_pd((__m512d)a, (__m512d)b, (__m512d)c);
+#elif defined(CPU_CAPABILITY_AVX2)
   return (lanes_t<double>)_mm256_fmadd_pd((__m256d)a, (__m256d)b, (__m256d)c);
 #else
   return a * b + c;
@@ -369,14 +379,24 @@ void recurrent_forward(const RecurrentForward<scalar_t>& a) {
   const int64_t T = a.seq_len, B = a.batch, H = a.hidden, PW = kPanel<scalar_t>;
   const int64_t gate_panels = panels_per_gate<scalar_t>(H);
   for_each_thread_slice<scalar_t>(H, [&](int64_t first, int64_t end, const auto& barrier) {
-    // This thread's rows of w_hh, gate by gate, in panels of PW units: value (k, x) of
-    // panel (q, j) is w_hh[q*H + j*PW + x][k].
+    const int64_t u0 = std::min(H, first * PW), u1 = std::min(H, end * PW), units = u1 - u0;
+    // w_hh gate by gate, each thread packing its own units. For our kernel in panels of
+    // PW units: value (k, x) of panel (q, j) is w_hh[q*H + j*PW + x][k]. For the
+    // library's, gate q as one [H, H] matrix: value (k, u) is w_hh[q*H + u][k]. Neither
+    // layout depends on how the units are split, so a later call may reuse it.
     std::vector<Panel<scalar_t>> panels;
     for (int64_t q = 0; q < 4; ++q) {
+      if (a.library_product) {
+        scalar_t* packed = a.workspace + q * H * H;
+        for (int64_t k = 0; a.pack && k < H; ++k) {
+          for (int64_t u = u0; u < u1; ++u) packed[k * H + u] = a.w_hh[(q * H + u) * H + k];
+        }
+        continue;
+      }
       for (int64_t j = first; j < end; ++j) {
         scalar_t* packed = a.workspace + (q * gate_panels + j) * H * PW;
         const int64_t count = std::min(PW, H - j * PW);
-        for (int64_t k = 0; k < H; ++k) {
+        for (int64_t k = 0; a.pack && k < H; ++k) {
           for (int64_t x = 0; x < PW; ++x) {
             packed[k * PW + x] = x < count ? a.w_hh[(q * H + j * PW + x) * H + k] : scalar_t(0);
           }
@@ -384,7 +404,6 @@ void recurrent_forward(const RecurrentForward<scalar_t>& a) {
         panels.push_back({packed, q * H + j * PW, count});
       }
     }
-    const int64_t u0 = std::min(H, first * PW), u1 = std::min(H, end * PW);
     for (int64_t s = 0; s < T; ++s) {
       const Step step(s, T, a.reverse, a.live);
       scalar_t* gates = a.gates + step.t * B * 4 * H;
@@ -392,20 +411,31 @@ void recurrent_forward(const RecurrentForward<scalar_t>& a) {
       scalar_t* output = a.output + step.t * B * H;
       const scalar_t* prev_output = a.output + step.prev_t * B * H;
       const scalar_t* prev_cells = a.cells + step.prev_t * B * H;
-      if (u1 > u0) {
-        multiply_panels<scalar_t, true>(
-            step.live, H, panels,
-            [&](int64_t b) { return (b < step.carried ? prev_output : a.h0) + b * H; },
-            [&](int64_t b) { return gates + b * 4 * H; });
+      if (units > 0) {
+        if (a.library_product) {
+          // Rows carried over read the previous step's h, the others h0.
+          for (int64_t q = 0; q < 4; ++q) {
+            const scalar_t* packed = a.workspace + q * H * H + u0;
+            scalar_t* c = gates + q * H + u0;
+            library_product(step.carried, units, H, prev_output, H, packed, H, c, 4 * H, true);
+            library_product(step.live - step.carried, units, H, a.h0 + step.carried * H, H, packed,
+                            H, c + step.carried * 4 * H, 4 * H, true);
+          }
+        } else {
+          multiply_panels<scalar_t, true>(
+              step.live, H, panels,
+              [&](int64_t b) { return (b < step.carried ? prev_output : a.h0) + b * H; },
+              [&](int64_t b) { return gates + b * 4 * H; });
+        }
         for (int64_t b = 0; b < step.live; ++b) {
           const CellForwardRow<scalar_t> row{gates + b * 4 * H,
                                              (b < step.carried ? prev_cells : a.c0) + b * H,
                                              cells + b * H, output + b * H};
           cell_forward<scalar_t>(row, H, u0, u1);
         }
-        for (int64_t q = 0; q < 4; ++q) zero_rows(gates, 4 * H, step.live, B, q * H + u0, u1 - u0);
-        zero_rows(cells, H, step.live, B, u0, u1 - u0);
-        zero_rows(output, H, step.live, B, u0, u1 - u0);
+        for (int64_t q = 0; q < 4; ++q) zero_rows(gates, 4 * H, step.live, B, q * H + u0, units);
+        zero_rows(cells, H, step.live, B, u0, units);
+        zero_rows(output, H, step.live, B, u0, units);
       }
       barrier();  // this step's h is complete before any thread multiplies it
     }
@@ -418,8 +448,9 @@ void recurrent_backward(const RecurrentBackward<scalar_t>& a) {
   for_each_thread_slice<scalar_t>(H, [&](int64_t first, int64_t end, const auto& barrier) {
     // Columns of w_hh in panels of PW: value (k, x) of panel j is w_hh[k][j*PW + x], so
     // that this thread computes the gradient of h_{t-1} for its own units.
+    // The library's kernel reads this thread's columns of w_hh in place.
     std::vector<Panel<scalar_t>> panels;
-    for (int64_t j = first; j < end; ++j) {
+    for (int64_t j = first; j < end && !a.library_product; ++j) {
       scalar_t* packed = a.workspace + j * 4 * H * PW;
       const int64_t count = std::min(PW, H - j * PW);
       for (int64_t k = 0; k < 4 * H; ++k) {
@@ -453,7 +484,10 @@ void recurrent_backward(const RecurrentBackward<scalar_t>& a) {
         }
       }
       barrier();  // every unit's gate gradients are in before they are multiplied
-      if (u1 > u0) {
+      if (u1 > u0 && a.library_product) {
+        library_product(step.live, u1 - u0, 4 * H, grad_gates, 4 * H, a.w_hh + u0, H,
+                        a.grad_h + u0, H, false);
+      } else if (u1 > u0) {
         multiply_panels<scalar_t, false>(
             step.live, 4 * H, panels, [&](int64_t b) { return grad_gates + b * 4 * H; },
             [&](int64_t b) { return a.grad_h + b * H; });

@@ -19,6 +19,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
+#include <ATen/native/CPUBlas.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
@@ -28,33 +29,61 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 namespace fused_lstm::cpu {
 
 namespace {
 
-// Whether this build has the AVX2 kernels (setup.py compiles them on x86-64) and this
-// CPU runs them, as torch sees it (so ATEN_CPU_CAPABILITY=default turns them off too).
-bool use_avx2() {
+// The best build of the kernels that this CPU runs, as torch sees it (so that
+// ATEN_CPU_CAPABILITY=avx2 or =default selects the lower builds too). setup.py compiles the
+// AVX2 and AVX-512 builds on x86-64 only.
+enum class Capability { kDefault, kAvx2, kAvx512 };
+
+Capability capability() {
 #if defined(FUSED_LSTM_HAVE_AVX2)
-  const std::string capability = at::get_cpu_capability();
-  return capability == "AVX2" || capability == "AVX512";
+  const std::string torch_capability = at::get_cpu_capability();
+  if (torch_capability == "AVX512") return Capability::kAvx512;
+  if (torch_capability == "AVX2") return Capability::kAvx2;
+#endif
+  return Capability::kDefault;
+}
+
+}  // namespace
+
+const char* cpu_capability() {
+  switch (capability()) {
+    case Capability::kAvx512: return "AVX512";
+    case Capability::kAvx2: return "AVX2";
+    default: return "DEFAULT";
+  }
+}
+
+bool has_library_product() {
+#if defined(CPUBLAS_BRGEMM_F32F32F32)
+  // Where torch runs AVX-512 (oneDNN generates the kernel for the CPU itself). Measured on
+  // an AMD EPYC Zen 5 (see the commit that chose it); on AVX2-only CPUs, unmeasured, our
+  // kernels and MKL stay.
+  return capability() == Capability::kAvx512;
 #else
   return false;
 #endif
 }
 
-}  // namespace
-
-const char* cpu_capability() { return use_avx2() ? "AVX2" : "DEFAULT"; }
+template <typename scalar_t>
+CpuKernels<scalar_t> pick_cpu_kernels() {
+  switch (capability()) {
+#if defined(FUSED_LSTM_HAVE_AVX2)
+    case Capability::kAvx512: return AVX512::make_cpu_kernels<scalar_t>();
+    case Capability::kAvx2: return AVX2::make_cpu_kernels<scalar_t>();
+#endif
+    default: return DEFAULT::make_cpu_kernels<scalar_t>();
+  }
+}
 
 template <typename scalar_t>
 const CpuKernels<scalar_t>& cpu_kernels() {
-  static const CpuKernels<scalar_t> kernels =
-#if defined(FUSED_LSTM_HAVE_AVX2)
-      use_avx2() ? AVX2::make_cpu_kernels<scalar_t>() :
-#endif
-                 DEFAULT::make_cpu_kernels<scalar_t>();
+  static const CpuKernels<scalar_t> kernels = pick_cpu_kernels<scalar_t>();
   return kernels;
 }
 
@@ -62,12 +91,68 @@ namespace {
 
 // The persistent recurrence (kernels.h) runs the whole time loop in one parallel region
 // with the weights packed per thread; it has no projection. The step-by-step path runs
-// one library GEMM per step. FUSED_LSTM_CPU_PATH=stepwise forces the latter (tests and
+// one library GEMM per step, with no parallel region of its own for a small batch and
+// nothing packed: below kPersistentMinSteps steps packing w_hh costs more than the steps
+// gain (one call of T = 1, B = 1, H = 256 on a Zen 5 core: 196 us persistent, 67 us step
+// by step, CPU time). FUSED_LSTM_CPU_PATH=stepwise|persistent forces either (tests and
 // benchmarks compare the two).
-bool use_persistent(bool projected) {
+constexpr int64_t kPersistentMinSteps = 8;
+
+bool use_persistent(bool projected, int64_t seq_len) {
   if (projected) return false;
   const char* forced = std::getenv("FUSED_LSTM_CPU_PATH");
-  return forced == nullptr || std::strcmp(forced, "stepwise") != 0;
+  if (forced != nullptr && std::strcmp(forced, "stepwise") == 0) return false;
+  if (forced != nullptr && std::strcmp(forced, "persistent") == 0) return true;
+  return seq_len >= kPersistentMinSteps;
+}
+
+// Whether the recurrent products of this call run ATen's brgemm (kernels.h) rather than
+// our kernel: float32 where has_library_product(), for batches of at least 4 rows (a
+// single row is a matrix-vector product bound by reading w_hh, where ours is as fast and
+// needs no kernel generated per shape). FUSED_LSTM_CPU_PRODUCT=ours|library forces either
+// (tests and benchmarks compare the two).
+template <typename scalar_t>
+bool use_library_product(int64_t batch) {
+  if (!std::is_same_v<scalar_t, float> || !has_library_product()) return false;
+  const char* forced = std::getenv("FUSED_LSTM_CPU_PRODUCT");
+  if (forced != nullptr && std::strcmp(forced, "ours") == 0) return false;
+  if (forced != nullptr && std::strcmp(forced, "library") == 0) return true;
+  return batch >= 4;
+}
+
+// gates2d = bias + x2d·w_ihᵀ. With the library product (w_ih_t = w_ihᵀ contiguous, made
+// once per call), by brgemm over tiles of the output (oneDNN's kernel: 180 against MKL's
+// 110 GFLOP/s on one Zen 5 core for the mid shape), the bias written into each tile just
+// before its product.
+template <typename scalar_t>
+void input_projection(const at::Tensor& x2d, const at::Tensor& w_ih, const at::Tensor& w_ih_t,
+                      const at::Tensor& bias, at::Tensor& gates2d, bool library) {
+  if (!library) {
+    if (bias.defined()) {
+      at::addmm_out(gates2d, bias, x2d, w_ih.t());
+    } else {
+      at::mm_out(gates2d, x2d, w_ih.t());
+    }
+    return;
+  }
+  constexpr int64_t kTile = 256;
+  const int64_t M = x2d.size(0), K = x2d.size(1), N = gates2d.size(1);
+  const scalar_t* a = x2d.data_ptr<scalar_t>();
+  const scalar_t* b = w_ih_t.data_ptr<scalar_t>();
+  const scalar_t* bias_p = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
+  scalar_t* c = gates2d.data_ptr<scalar_t>();
+  const int64_t m_tiles = (M + kTile - 1) / kTile, n_tiles = (N + kTile - 1) / kTile;
+  at::parallel_for(0, m_tiles * n_tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t m0 = tile / n_tiles * kTile, n0 = tile % n_tiles * kTile;
+      const int64_t rows = std::min(kTile, M - m0), cols = std::min(kTile, N - n0);
+      scalar_t* c_tile = c + m0 * N + n0;
+      if (bias_p != nullptr) {
+        for (int64_t r = 0; r < rows; ++r) std::copy_n(bias_p + n0, cols, c_tile + r * N);
+      }
+      library_product(rows, cols, K, a + m0 * K, K, b + n0, N, c_tile, N, bias_p != nullptr);
+    }
+  });
 }
 
 // Calls fn(row, j0, j1) for rows [0, rows) and hidden units [0, H) split in chunks,
@@ -144,48 +229,86 @@ void forward_steps(const Dims& d, const std::vector<int64_t>& live, const at::Te
   }
 }
 
+// Steps per chunk of the forward: all of them when the gates and cells are kept for the
+// backward; otherwise enough for about 2^18 gate values (1 MiB in float32), so that
+// inference holds only one chunk of them, in cache, while its input projection is
+// still one GEMM.
+int64_t steps_per_chunk(const Dims& d, bool save_for_backward) {
+  if (save_for_backward) return d.seq_len;
+  const int64_t per_step = d.batch * 4 * d.hidden_size;
+  return std::clamp<int64_t>((int64_t(1) << 18) / std::max<int64_t>(per_step, 1), 1, d.seq_len);
+}
+
 template <typename scalar_t>
 ForwardResult forward_impl(const Dims& d, const std::vector<int64_t>& live, const at::Tensor& x,
                            const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
                            const at::Tensor& w_hh, const at::Tensor& bias,
-                           const at::Tensor& w_hr, bool reverse) {
+                           const at::Tensor& w_hr, bool reverse, bool save_for_backward) {
   const int64_t T = d.seq_len, B = d.batch, H = d.hidden_size, P = d.output_size;
   const bool projected = w_hr.defined();
   const auto opts = x.options();
-  at::Tensor gates = at::empty({T, B, 4 * H}, opts);
-  at::Tensor cells = at::empty({T, B, H}, opts);
+  const int64_t chunk = steps_per_chunk(d, save_for_backward);
+  at::Tensor gates = at::empty({chunk, B, 4 * H}, opts);
+  at::Tensor cells = at::empty({chunk, B, H}, opts);
   at::Tensor output = at::empty({T, B, P}, opts);
-
-  const at::Tensor x2d = x.view({T * B, d.input_size});
-  at::Tensor gates2d = gates.view({T * B, 4 * H});
-  if (bias.defined()) {
-    at::addmm_out(gates2d, bias, x2d, w_ih.t());
-  } else {
-    at::mm_out(gates2d, x2d, w_ih.t());
-  }
-
-  const auto& kernels = cpu_kernels<scalar_t>();
-  if (use_persistent(projected)) {
-    at::Tensor workspace = at::empty({kernels.recurrent_workspace_size(H)}, opts);
-    kernels.recurrent_forward({T, B, H, live.data(), reverse, w_hh.data_ptr<scalar_t>(),
-                               workspace.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(),
-                               c0.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(),
-                               cells.data_ptr<scalar_t>(), output.data_ptr<scalar_t>()});
-  } else {
-    forward_steps<scalar_t>(d, live, h0, c0, w_hh, w_hr, reverse, gates, cells, output);
-  }
-
-  // Each row's final state is that of its last live step: going forward, rows
-  // [live[t+1], live[t]) end at step t; in reverse, every row ends at step 0.
   at::Tensor h_n = at::empty({B, P}, opts);
   at::Tensor c_n = at::empty({B, H}, opts);
-  for (int64_t t = 0; t < T; ++t) {
-    const int64_t from = reverse ? 0 : (t + 1 < T ? live[t + 1] : 0);
-    const int64_t to = (reverse && t > 0) ? 0 : live[t];
-    if (to > from) {
-      h_n.narrow(0, from, to - from).copy_(output[t].narrow(0, from, to - from));
-      c_n.narrow(0, from, to - from).copy_(cells[t].narrow(0, from, to - from));
+
+  const bool library = use_library_product<scalar_t>(B);
+  const at::Tensor w_ih_t = library ? w_ih.t().contiguous() : at::Tensor();  // [I, 4H]
+  const bool persistent = use_persistent(projected, T);
+  const auto& kernels = cpu_kernels<scalar_t>();
+  at::Tensor workspace =
+      persistent ? at::empty({kernels.recurrent_workspace_size(H)}, opts) : at::Tensor();
+  // The state a chunk starts from: rows carried over from the step processed just before
+  // it, the others h0/c0 (rows that start later, in reverse).
+  at::Tensor h_start = h0, c_start = c0;
+  int64_t prev_t0 = 0;
+  for (int64_t first = 0; first < T; first += chunk) {
+    const int64_t steps = std::min(chunk, T - first);
+    const int64_t t0 = reverse ? T - first - steps : first;  // the chunk holds [t0, t0 + steps)
+    if (first > 0) {
+      const int64_t prev_t = reverse ? t0 + steps : t0 - 1;
+      const int64_t carried = std::min(live[prev_t], live[reverse ? t0 + steps - 1 : t0]);
+      if (h_start.is_same(h0)) {
+        h_start = h0.clone();
+        c_start = c0.clone();
+      }
+      h_start.narrow(0, 0, carried).copy_(output[prev_t].narrow(0, 0, carried));
+      c_start.narrow(0, 0, carried).copy_(cells[prev_t - prev_t0].narrow(0, 0, carried));
     }
+    Dims dc = d;
+    dc.seq_len = steps;
+    const std::vector<int64_t> live_chunk(live.begin() + t0, live.begin() + t0 + steps);
+    at::Tensor g = gates.narrow(0, 0, steps), c = cells.narrow(0, 0, steps);
+    at::Tensor out = output.narrow(0, t0, steps);
+    at::Tensor g2d = g.view({steps * B, 4 * H});
+    input_projection<scalar_t>(x.narrow(0, t0, steps).reshape({steps * B, d.input_size}), w_ih,
+                               w_ih_t, bias, g2d, library);
+    if (persistent) {
+      kernels.recurrent_forward({steps, B, H, live_chunk.data(), reverse, library, first == 0,
+                                 w_hh.data_ptr<scalar_t>(), workspace.data_ptr<scalar_t>(),
+                                 h_start.data_ptr<scalar_t>(), c_start.data_ptr<scalar_t>(),
+                                 g.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(),
+                                 out.data_ptr<scalar_t>()});
+    } else {
+      forward_steps<scalar_t>(dc, live_chunk, h_start, c_start, w_hh, w_hr, reverse, g, c, out);
+    }
+    // Each row's final state is that of its last live step: going forward, rows
+    // [live[t+1], live[t]) end at step t; in reverse, every row ends at step 0.
+    for (int64_t t = t0; t < t0 + steps; ++t) {
+      const int64_t from = reverse ? 0 : (t + 1 < T ? live[t + 1] : 0);
+      const int64_t to = (reverse && t > 0) ? 0 : live[t];
+      if (to > from) {
+        h_n.narrow(0, from, to - from).copy_(output[t].narrow(0, from, to - from));
+        c_n.narrow(0, from, to - from).copy_(c[t - t0].narrow(0, from, to - from));
+      }
+    }
+    prev_t0 = t0;
+  }
+  if (!save_for_backward) {
+    gates = at::empty({0}, opts);
+    cells = at::empty({0}, opts);
   }
   return {output, h_n, c_n, gates, cells};
 }
@@ -256,10 +379,11 @@ BackwardResult backward_impl(const Dims& d, const std::vector<int64_t>& live,
   at::Tensor grad_h_steps = projected ? at::empty({T, B, P}, opts) : at::Tensor();
 
   const auto& kernels = cpu_kernels<scalar_t>();
-  if (use_persistent(projected)) {
+  if (use_persistent(projected, T)) {
     at::Tensor workspace = at::empty({kernels.recurrent_workspace_size(H)}, opts);
     kernels.recurrent_backward(
-        {T, B, H, live.data(), reverse, w_hh.data_ptr<scalar_t>(), workspace.data_ptr<scalar_t>(),
+        {T, B, H, live.data(), reverse, use_library_product<scalar_t>(B),
+         w_hh.data_ptr<scalar_t>(), workspace.data_ptr<scalar_t>(),
          c0.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), cells.data_ptr<scalar_t>(),
          grad_output.defined() ? grad_output.data_ptr<scalar_t>() : nullptr,
          grad_h.data_ptr<scalar_t>(), grad_c.data_ptr<scalar_t>(), grad_gates.data_ptr<scalar_t>()});
@@ -277,7 +401,8 @@ ForwardResult forward_cpu(const at::Tensor& input, const at::Tensor& h0, const a
                           const at::Tensor& w_ih, const at::Tensor& w_hh,
                           const std::optional<at::Tensor>& bias,
                           const std::optional<at::Tensor>& w_hr,
-                          const std::optional<at::Tensor>& batch_sizes, bool reverse) {
+                          const std::optional<at::Tensor>& batch_sizes, bool reverse,
+                          bool save_for_backward) {
   const Dims d = check_forward_args(input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes);
   const auto live = live_rows(batch_sizes, d);
   const auto acc = accumulate_type(input.scalar_type());
@@ -285,7 +410,8 @@ ForwardResult forward_cpu(const at::Tensor& input, const at::Tensor& h0, const a
   AT_DISPATCH_FLOATING_TYPES(acc, "fused_lstm_forward_cpu", [&] {
     result = forward_impl<scalar_t>(d, live, prepare(input, acc), prepare(h0, acc),
                                     prepare(c0, acc), prepare(w_ih, acc), prepare(w_hh, acc),
-                                    prepare(bias, acc), prepare(w_hr, acc), reverse);
+                                    prepare(bias, acc), prepare(w_hr, acc), reverse,
+                                    save_for_backward);
   });
   if (acc != input.scalar_type()) {
     const auto dtype = input.scalar_type();
@@ -326,7 +452,7 @@ BackwardResult backward_cpu(const std::optional<at::Tensor>& grad_output,
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fused_lstm, m) {
-  // Which build of the CPU element-wise kernels runs here: "AVX2" or "DEFAULT".
+  // Which build of the CPU kernels runs here: "AVX512", "AVX2" or "DEFAULT".
   m.def("cpu_capability() -> str", [] { return std::string(cpu_capability()); });
 }
 

@@ -247,9 +247,16 @@ ForwardResult forward_cuda(const at::Tensor& input, const at::Tensor& h0, const 
                            const at::Tensor& w_ih, const at::Tensor& w_hh,
                            const std::optional<at::Tensor>& bias,
                            const std::optional<at::Tensor>& w_hr,
-                           const std::optional<at::Tensor>& batch_sizes, bool reverse) {
+                           const std::optional<at::Tensor>& batch_sizes, bool reverse,
+                           bool save_for_backward) {
   const c10::cuda::CUDAGuard device_guard(input.device());
-  return forward(OnGpu{}, input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse);
+  ForwardResult result =
+      forward(OnGpu{}, input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse);
+  if (!save_for_backward) {  // computed all the same on CUDA; returned empty as the schema says
+    std::get<3>(result) = at::empty({0}, std::get<3>(result).options());
+    std::get<4>(result) = at::empty({0}, std::get<4>(result).options());
+  }
+  return result;
 }
 
 BackwardResult backward_cuda(const std::optional<at::Tensor>& grad_output,
