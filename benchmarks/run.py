@@ -139,7 +139,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Time the Python loop, nn.LSTM, onnxruntime (CPU inference, when "
         "installed) and FusedLSTM, sharing one state_dict.",
         epilog="Shape presets (T, B, I, H): "
-        + "; ".join(f"{name} {dims}" for name, dims in PRESETS.items()),
+        + "; ".join(f"{name} {dims}" for name, dims in PRESETS.items())
+        + ". --cell runs the cell's benchmark instead (FusedLSTMCell, nn.LSTMCell and the "
+        "seed's step in a Python loop; its options: run.py --cell --help).",
     )
     parser.add_argument("--device", choices=["cpu", "cuda"],
                         default="cuda" if torch.cuda.is_available() else "cpu",
@@ -872,6 +874,12 @@ def plot(path: Path, meta: dict, rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--cell" in argv:  # the cell's benchmark, with its own options (benchmarks/cell.py)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import cell
+
+        return cell.main([a for a in argv if a != "--cell"])
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -271,3 +271,14 @@ def test_wrong_fused_lstm_stops_the_benchmark(monkeypatch, tmp_path, mode, break
 def test_bad_shape_is_refused(shape):
     with pytest.raises(SystemExit):
         run.parse_args(["--device", "cpu", "--shapes", shape])
+
+
+def test_cell_option_runs_the_cells_benchmark(capsys):
+    threads = torch.get_num_threads()
+    try:
+        rows = run.main(["--cell", "--batch", "2", "--hidden", "4", "--steps", "3", "--quick",
+                         "--threads", "1", "--mode", "fwd"])
+    finally:
+        torch.set_num_threads(threads)
+    assert "FusedLSTMCell benchmark" in capsys.readouterr().out
+    assert [row["fused_ms"] > 0 for row in rows] == [True]
