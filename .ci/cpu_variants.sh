@@ -5,19 +5,24 @@
 # this runs the tests that exercise the kernels again under each variant below it that this
 # CPU can run (ATEN_CPU_CAPABILITY, which torch honours for every kernel it dispatches).
 # PYTHON: the interpreter with torch and fused_lstm built (default .venv/bin/python);
-# TESTS: the test files (default: the op and the module, about a minute each on 2 cores).
+# TESTS: the test files (default: the op, its CPU paths and the module, about three minutes
+# a variant on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
-TESTS=${TESTS:-tests/test_op.py tests/test_module.py}
+TESTS=${TESTS:-tests/test_op.py tests/test_cpu_paths.py tests/test_module.py}
 capability() {
   "$PYTHON" -c "import torch, fused_lstm
 print(torch.backends.cpu.get_cpu_capability(), torch.ops.fused_lstm.cpu_capability())"
 }
-read -r best _ <<< "$(capability)"
+# Assigned first, so that an interpreter that fails stops the script (set -e) instead of
+# leaving every variant "not on this CPU".
+caps=$(capability)
+read -r best _ <<< "$caps"
 failed=()
 for isa in default avx2 avx512; do
-  read -r torch_isa kernels <<< "$(ATEN_CPU_CAPABILITY=$isa capability)"
+  caps=$(ATEN_CPU_CAPABILITY=$isa capability)
+  read -r torch_isa kernels <<< "$caps"
   if [ "$torch_isa" != "${isa^^}" ]; then
     echo "== $isa: not on this CPU (torch runs $torch_isa), skipped"
   elif [ "$torch_isa" = "$best" ]; then
