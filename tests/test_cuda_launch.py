@@ -20,6 +20,7 @@ from torch import nn
 import fused_lstm  # noqa: F401  (registers the ops)
 from fused_lstm import FusedLSTM
 from conftest import assert_as_accurate_as, max_error
+from test_cuda import kernels_run, launches
 from test_op import make_args
 
 pytestmark = pytest.mark.cuda
@@ -39,18 +40,6 @@ def _fp32_is_fp32_and_every_warning_shown():
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
     torch.set_warn_always(saved[2])
-
-
-def kernels_run(run):
-    """The names of the CUDA kernels that run() launches, as the profiler records them."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
-        run()
-        torch.cuda.synchronize()
-    return [event.key for event in profile.key_averages()]
-
-
-def launches(names, kernel):
-    return any(kernel in name for name in names)
 
 
 def seed_layer(dtype=torch.float32):
