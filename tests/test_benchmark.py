@@ -113,8 +113,8 @@ def test_writes_table_json_csv_and_plot(tmp_path, capsys):
     # onnxruntime: float32 inference only, checked like FusedLSTM, timed in the same rounds.
     ort = {(r["dtype"], r["mode"]): r for r in rows}
     assert "onnxruntime_ms" not in ort["float32", "fwdbwd"]
-    assert ort["bfloat16", "fwd"]["onnxruntime_skipped"] == "no bfloat16 LSTM"
-    if HAS_ONNXRUNTIME:
+    if HAS_ONNXRUNTIME:  # (CI's CUDA environment runs this file without onnxruntime)
+        assert ort["bfloat16", "fwd"]["onnxruntime_skipped"] == "no bfloat16 LSTM"
         row = ort["float32", "fwd"]
         assert len(row["onnxruntime_rounds_ms"]) == 3
         assert row["onnxruntime_max_error"] <= row["onnxruntime_allowed_error"]

@@ -242,19 +242,15 @@ inline void multiply_tile(int64_t K, const scalar_t* const* a, const Panel<scala
                           scalar_t* const* c) {
   using L = lanes_t<scalar_t>;
   constexpr int64_t W = kLanes<scalar_t>;
+  // The products are summed from zero and C is added once at the end, as a library GEMM
+  // with beta = 1 does: summed onto C (the gates' x·w_ihᵀ + bias, often larger than each
+  // product), every one of the K additions would round at C's size, and over the steps the
+  // float32 state drifted to 3x nn.LSTM's error.
   L acc[MR][NP][2];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
 #pragma GCC unroll 4
-    for (int p = 0; p < NP; ++p) {
-      if constexpr (kAccumulate) {
-        const scalar_t* row = c[r] + panels[p].column;
-        acc[r][p][0] = load_lanes(row, panels[p].count);
-        acc[r][p][1] = load_lanes(row + W, panels[p].count - W);
-      } else {
-        acc[r][p][0] = acc[r][p][1] = L{};
-      }
-    }
+    for (int p = 0; p < NP; ++p) acc[r][p][0] = acc[r][p][1] = L{};
   }
   for (int64_t k = 0; k < K; ++k) {
     L b0[NP], b1[NP];
@@ -278,6 +274,10 @@ inline void multiply_tile(int64_t K, const scalar_t* const* a, const Panel<scala
 #pragma GCC unroll 4
     for (int p = 0; p < NP; ++p) {
       scalar_t* row = c[r] + panels[p].column;
+      if constexpr (kAccumulate) {
+        acc[r][p][0] += load_lanes(row, panels[p].count);
+        acc[r][p][1] += load_lanes(row + W, panels[p].count - W);
+      }
       store_lanes(acc[r][p][0], row, panels[p].count);
       store_lanes(acc[r][p][1], row + W, panels[p].count - W);
     }
@@ -296,9 +296,10 @@ inline void multiply_rows(int64_t r0, int64_t K, const RowA& row_a, const Panel<
   multiply_tile<scalar_t, MR, 1, kAccumulate>(K, a, &panel, c);
 }
 
-// C[rows, panels] (+)= A[rows, K] * B[K, panels], rows given by row_a(r) and row_c(r).
+// C[rows, panels] (+)= A[rows, K] * B[K, panels] as one running sum per value (multiply_panels
+// calls it per block of the depth).
 template <typename scalar_t, bool kAccumulate, typename RowA, typename RowC>
-void multiply_panels(int64_t rows, int64_t K, const std::vector<Panel<scalar_t>>& panels,
+void multiply_panels_to_depth(int64_t rows, int64_t K, const std::vector<Panel<scalar_t>>& panels,
                      const RowA& row_a, const RowC& row_c) {
   const int64_t num = static_cast<int64_t>(panels.size());
   if (rows == 1) {
@@ -324,6 +325,29 @@ void multiply_panels(int64_t rows, int64_t K, const std::vector<Panel<scalar_t>>
         default: multiply_rows<scalar_t, 1, kAccumulate>(r0, K, row_a, panel, row_c); break;
       }
       r0 += size;
+    }
+  }
+}
+
+// Depth of one block of the sum: C is summed block by block, each block's products from
+// zero (multiply_tile), as library GEMMs block their K. A single running sum over the whole
+// depth (4H in the backward) rounds every addition at the size of the sum so far: the
+// gradient of h0 came out 2-2.4x nn.LSTM's error at H = 512 (float32), 1.0x blocked.
+constexpr int64_t kDepthBlock = 256;
+
+// C[rows, panels] (+)= A[rows, K] * B[K, panels], rows given by row_a(r) and row_c(r).
+template <typename scalar_t, bool kAccumulate, typename RowA, typename RowC>
+void multiply_panels(int64_t rows, int64_t K, const std::vector<Panel<scalar_t>>& panels,
+                     const RowA& row_a, const RowC& row_c) {
+  std::vector<Panel<scalar_t>> block = panels;
+  for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += kDepthBlock) {
+    const int64_t depth = std::min(kDepthBlock, K - k0);
+    for (size_t p = 0; p < panels.size(); ++p) block[p].b = panels[p].b + k0 * kPanel<scalar_t>;
+    const auto row_a_block = [&](int64_t r) { return row_a(r) + k0; };
+    if (k0 == 0) {
+      multiply_panels_to_depth<scalar_t, kAccumulate>(rows, depth, block, row_a_block, row_c);
+    } else {
+      multiply_panels_to_depth<scalar_t, true>(rows, depth, block, row_a_block, row_c);
     }
   }
 }
@@ -485,8 +509,11 @@ void recurrent_backward(const RecurrentBackward<scalar_t>& a) {
       }
       barrier();  // every unit's gate gradients are in before they are multiplied
       if (u1 > u0 && a.library_product) {
-        library_product(step.live, u1 - u0, 4 * H, grad_gates, 4 * H, a.w_hh + u0, H,
-                        a.grad_h + u0, H, false);
+        // In blocks of the depth 4H, as multiply_panels sums (kDepthBlock).
+        for (int64_t k0 = 0; k0 < 4 * H; k0 += kDepthBlock) {
+          library_product(step.live, u1 - u0, std::min(kDepthBlock, 4 * H - k0), grad_gates + k0,
+                          4 * H, a.w_hh + k0 * H + u0, H, a.grad_h + u0, H, k0 > 0);
+        }
       } else if (u1 > u0) {
         multiply_panels<scalar_t, false>(
             step.live, 4 * H, panels, [&](int64_t b) { return grad_gates + b * 4 * H; },
