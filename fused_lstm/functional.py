@@ -60,14 +60,7 @@ def lstm_layer(
         if not torch.jit.is_tracing():
             return _onnx.lstm_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse)
     bias = _combined_bias(b_ih, b_hh)
-    args = (input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse)
-    if _ops.needs_function_form():
-        output, h_n, c_n, _, _ = _ops.ForwardFunction.apply(*args)
-    elif _ops.needs_saving(args) or torch.jit.is_tracing():
-        output, h_n, c_n, _, _ = _ops.forward(*args)
-    else:
-        output, h_n, c_n = _ops.forward_inference(*args)
-    return output, h_n, c_n
+    return _ops.run_forward(input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse)
 
 
 def reference_layer(

@@ -1,0 +1,182 @@
+"""What differentiates the native ops beyond the fused first derivative, and their vmap.
+
+The first derivative is always the fused backward op's. Its own derivatives (double
+backward, gradient penalties, nested torch.func transforms) and forward-mode AD (jvp,
+forward-over-reverse) are computed through the reference loop (fused_lstm.reference),
+which autograd differentiates to any order: slower, never wrong; in the kernels'
+accumulate dtype.
+
+Absent tensors are settled once, where this code is entered: a missing bias, output
+gradient or tangent becomes the zeros the kernels read it as. w_hr, whose absence changes
+the layer itself, is the one tensor left optional; it comes last, so that leaving it out
+moves no other.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _C  # noqa: F401  (loading it registers torch.ops.fused_lstm.*)
+from . import reference
+
+_forward = torch.ops.fused_lstm.forward.default
+_backward = torch.ops.fused_lstm.backward.default
+
+
+def _layer_params(input, h0, c0, w_ih, w_hh, bias, w_hr):
+    """The layer's params as the reference loop is differentiated in: a zero bias for
+    none, w_hr only where there is one."""
+    bias = w_hh.new_zeros(w_hh.shape[0]) if bias is None else bias
+    return (input, h0, c0, w_ih, w_hh, bias) + (() if w_hr is None else (w_hr,))
+
+
+def _zeros_for_none(tensors, like):
+    return tuple(torch.zeros_like(p) if t is None else t for t, p in zip(tensors, like))
+
+
+def _reference_layer(batch_sizes, reverse, acc):
+    """reference.lstm_layer as a function of :func:`_layer_params`, computed in ``acc``
+    and returned in the input's dtype."""
+    def layer(*params):
+        outputs = reference.lstm_layer(*(p.to(acc) for p in params), batch_sizes=batch_sizes,
+                                       reverse=reverse)
+        return tuple(o.to(params[0].dtype) for o in outputs)
+
+    return layer
+
+
+def _reference_backward(batch_sizes, reverse, acc):
+    """The backward op's gradients of :func:`_layer_params` as a function of
+    ``(grad_output, grad_h_n, grad_c_n, *params)``, through the reference loop. Built with
+    torch.func, so it is differentiable again under autograd and inside transforms."""
+    layer = _reference_layer(batch_sizes, reverse, acc)
+
+    def first_derivative(grad_output, grad_h_n, grad_c_n, *params):
+        _, vjp = torch.func.vjp(layer, *params)
+        return vjp((grad_output, grad_h_n, grad_c_n))
+
+    return first_derivative
+
+
+def _jvp(f, primals, tangents):
+    """J·v of f at primals, from two reverse passes: v ↦ J·v is the vector-Jacobian
+    product of the linear map u ↦ Jᵀ·u. (torch.func.jvp would nest a forward-mode level
+    inside torch.autograd.forward_ad's, which torch refuses.)"""
+    outputs, vjp = torch.func.vjp(f, *primals)
+    _, vjp_of_vjp = torch.func.vjp(lambda *u: vjp(u), *(torch.zeros_like(o) for o in outputs))
+    return vjp_of_vjp(tangents)
+
+
+def forward_jvp(params, tangents, batch_sizes, reverse, acc):
+    """Tangents of the forward op's output, h_n and c_n from those of its params (input,
+    h0, c0, w_ih, w_hh, bias, w_hr; None for zero)."""
+    primals = _layer_params(*params)
+    layer = _reference_layer(batch_sizes, reverse, acc)
+    return _jvp(layer, primals, _zeros_for_none(tangents, primals))
+
+
+def differentiable_backward(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, bias,
+                            w_hr, batch_sizes, reverse, output, gates, cells):
+    """The backward op's seven results (its arguments, and bias), differentiable: what
+    the forward's formula returns under create_graph=True and torch.func."""
+    grads_out = _zeros_for_none((grad_output, grad_h_n, grad_c_n), (output, h0, c0))
+    params = _layer_params(input, h0, c0, w_ih, w_hh, bias, w_hr)
+    return _DifferentiableBackward.apply(*grads_out, *params[:6], w_hr, batch_sizes, reverse,
+                                         output, gates, cells)
+
+
+class _DifferentiableBackward(torch.autograd.Function):
+    """The backward op, whose own derivatives differentiate the reference loop's first
+    derivative. Entered from :func:`differentiable_backward`: only w_hr may be None.
+    ``bias`` is not read by the op (the saved gates hold its effect) but is an input
+    here, so that second derivatives reach it."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, bias, w_hr,
+                batch_sizes, reverse, output, gates, cells):
+        return _backward(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, w_hr,
+                         batch_sizes, reverse, output, gates, cells)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:11])
+        ctx.save_for_forward(*inputs[:11])
+        ctx.reverse = inputs[11]
+        ctx.acc = inputs[13].dtype  # the kernels keep the gates in their accumulate dtype
+
+    @staticmethod
+    def backward(ctx, *grad_grads):
+        first_derivative, primals = _first_derivative(ctx)
+        results, vjp = torch.func.vjp(first_derivative, *primals)
+        grads = vjp(_zeros_for_none(grad_grads, results))
+        return grads + (None,) * (15 - len(grads))
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        first_derivative, primals = _first_derivative(ctx)
+        results = _jvp(first_derivative, primals, _zeros_for_none(tangents, primals))
+        # without w_hr the op returns an empty grad_w_hr
+        return results + (primals[3].new_empty(0),) * (7 - len(results))
+
+
+def _first_derivative(ctx):
+    """What _DifferentiableBackward differentiates, a function of (grads out, params),
+    and its primals: the saved tensors but batch_sizes, and w_hr if there is none."""
+    *tensors, batch_sizes = ctx.saved_tensors
+    primals = tuple(t for t in tensors if t is not None)
+    return _reference_backward(batch_sizes, ctx.reverse, ctx.acc), primals
+
+
+def _member(arg, in_dim, n):
+    return arg if in_dim is None else arg.select(in_dim, n)
+
+
+def _per_member(op, info, in_dims, args):
+    """Runs ``op`` once per vmapped member and stacks the results: right for any
+    batching, and the rule that keeps weight gradients per member (the kernels sum
+    them over the batch)."""
+    results = [op(*(_member(a, d, n) for a, d in zip(args, in_dims)))
+               for n in range(info.batch_size)]
+    return tuple(torch.stack(outputs) for outputs in zip(*results)), (0,) * len(results[0])
+
+
+def _fold(t, in_dim, batch_dim, size):
+    """``t`` with the vmapped members folded into its batch dimension, member-minor:
+    row ``b * size + n`` is row b of member n."""
+    if in_dim is None:
+        t = t.unsqueeze(batch_dim + 1).expand(*t.shape[:batch_dim + 1], size,
+                                              *t.shape[batch_dim + 1:])
+    else:
+        t = t.movedim(in_dim, batch_dim + 1)
+    return t.flatten(batch_dim, batch_dim + 1)
+
+
+@torch.library.register_vmap("fused_lstm::forward")
+def _forward_vmap(info, in_dims, input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse,
+                  save_for_backward=True):
+    args = (input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse, save_for_backward)
+    if any(d is not None for d in in_dims[3:]):
+        return _per_member(_forward, info, in_dims, args)
+    # Shared weights (per-sample gradients, a batch of independent inputs): one call over
+    # the members' rows side by side. Member-minor order keeps the rows of a packed
+    # batch sorted by length, each step's live rows scaled by the number of members.
+    size = info.batch_size
+    input = _fold(input, in_dims[0], 1, size)
+    h0 = _fold(h0, in_dims[1], 0, size)
+    c0 = _fold(c0, in_dims[2], 0, size)
+    if batch_sizes is not None:
+        batch_sizes = batch_sizes * size
+    output, h_n, c_n, gates, cells = _forward(input, h0, c0, w_ih, w_hh, bias, w_hr,
+                                              batch_sizes, reverse, save_for_backward)
+    unfolded = (output.unflatten(1, (-1, size)), h_n.unflatten(0, (-1, size)),
+                c_n.unflatten(0, (-1, size)))
+    if not save_for_backward:  # gates and cells are empty: nothing per member
+        return (*unfolded, gates, cells), (2, 1, 1, None, None)
+    return (*unfolded, gates.unflatten(1, (-1, size)), cells.unflatten(1, (-1, size))), \
+        (2, 1, 1, 2, 2)
+
+
+@torch.library.register_vmap("fused_lstm::backward")
+def _backward_vmap(info, in_dims, *args):
+    return _per_member(_backward, info, in_dims, args)
