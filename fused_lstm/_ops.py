@@ -90,11 +90,12 @@ torch.library.register_autograd("fused_lstm::forward", _backward, setup_context=
 
 
 class ForwardFunction(torch.autograd.Function):
-    """The forward op with the same autograd formula, as an autograd.Function that
-    torch.func transforms accept (grad, vjp, vmap of either): the Function that
-    register_autograd generates lacks setup_context, which functorch requires (pytorch
-    issue 170834, torch <= 2.13), and forward-mode AD, which this one has (jvp, through
-    the reference loop). Its vmap rule comes from the ops' own."""
+    """The forward op with the same formula, as the autograd.Function that torch.func
+    transforms and forward-mode AD need: register_autograd's generated Function lacks
+    setup_context, which functorch requires (pytorch issue 170834, torch <= 2.13), and a
+    jvp (the op under forward AD leaves its outputs without tangents). The op keeps
+    register_autograd for everything else: direct calls and torch.compile, whose dynamo
+    refuses a Function with a custom jvp. Its vmap rule comes from the ops' own."""
 
     generate_vmap_rule = True
 
@@ -118,17 +119,17 @@ class ForwardFunction(torch.autograd.Function):
 
 
 def run_forward(input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse):
-    """The forward op's output, h_n and c_n, run in the form the caller needs:
-    ForwardFunction under torch.func transforms and forward-mode AD (neither reaches
-    register_autograd's formula); the op itself where it may be differentiated, under
-    torch.compile and tracing; else with save_for_backward=False, below autograd, which
-    would only pass it through (its registered formula costs microseconds of Python per
-    call: a streaming model calls the op once per frame)."""
+    """The forward op's output, h_n and c_n, run in the form the call needs:
+    ForwardFunction under torch.func transforms and forward-mode AD, compiled or not (the
+    op fails or drops the tangents there); the op where it may be differentiated and under tracing (an
+    exporter records it); else with save_for_backward=False, and outside torch.compile
+    below autograd, which would only pass it through (its formula costs microseconds of
+    Python per call: a streaming model calls the op once per frame)."""
     args = (input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse)
     if torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0:
         output, h_n, c_n, _, _ = ForwardFunction.apply(*args)
-    elif (torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad
-                                          for a in args)) or torch.jit.is_tracing():
+    elif torch.jit.is_tracing() or (torch.is_grad_enabled() and any(
+            isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
         output, h_n, c_n, _, _ = forward(*args)
     elif torch.compiler.is_compiling():
         output, h_n, c_n, _, _ = forward(*args, False)

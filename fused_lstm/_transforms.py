@@ -7,8 +7,10 @@ which autograd differentiates to any order: slower, never wrong; in the kernels'
 accumulate dtype.
 
 Absent tensors are settled once, where this code is entered: a missing bias, output
-gradient or tangent becomes the zeros the kernels read it as. w_hr, whose absence changes
-the layer itself, is the one tensor left optional; it comes last, so that leaving it out
+gradient or tangent becomes the zeros the kernels read it as, and what is computed for
+it is dropped where the results leave (a zero made here never requires grad; the
+forward's formula drops grad_bias as it does the op's). w_hr, whose absence changes the
+layer itself, is the one tensor left optional; it comes last, so that leaving it out
 moves no other.
 """
 from __future__ import annotations
@@ -18,8 +20,8 @@ import torch
 from . import _C  # noqa: F401  (loading it registers torch.ops.fused_lstm.*)
 from . import reference
 
-_forward = torch.ops.fused_lstm.forward.default
-_backward = torch.ops.fused_lstm.backward.default
+_forward_op = torch.ops.fused_lstm.forward.default
+_backward_op = torch.ops.fused_lstm.backward.default
 
 
 def _layer_params(input, h0, c0, w_ih, w_hh, bias, w_hr):
@@ -79,52 +81,47 @@ def differentiable_backward(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih
     """The backward op's seven results (its arguments, and bias), differentiable: what
     the forward's formula returns under create_graph=True and torch.func."""
     grads_out = _zeros_for_none((grad_output, grad_h_n, grad_c_n), (output, h0, c0))
-    params = _layer_params(input, h0, c0, w_ih, w_hh, bias, w_hr)
-    return _DifferentiableBackward.apply(*grads_out, *params[:6], w_hr, batch_sizes, reverse,
-                                         output, gates, cells)
+    return _DifferentiableBackward.apply(batch_sizes, reverse, output, gates, cells, *grads_out,
+                                         *_layer_params(input, h0, c0, w_ih, w_hh, bias, w_hr))
 
 
 class _DifferentiableBackward(torch.autograd.Function):
     """The backward op, whose own derivatives differentiate the reference loop's first
-    derivative. Entered from :func:`differentiable_backward`: only w_hr may be None.
-    ``bias`` is not read by the op (the saved gates hold its effect) but is an input
-    here, so that second derivatives reach it."""
+    derivative. Its primals are the three output gradients, then :func:`_layer_params`.
+    ``bias`` is not read by the op (the saved gates hold its effect) but is a primal, so
+    that second derivatives reach it."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, bias, w_hr,
-                batch_sizes, reverse, output, gates, cells):
-        return _backward(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, w_hr,
-                         batch_sizes, reverse, output, gates, cells)
+    def forward(batch_sizes, reverse, output, gates, cells, *primals):
+        w_hr = primals[9] if len(primals) > 9 else None
+        return _backward_op(*primals[:8], w_hr, batch_sizes, reverse, output, gates, cells)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs[:11])
-        ctx.save_for_forward(*inputs[:11])
-        ctx.reverse = inputs[11]
-        ctx.acc = inputs[13].dtype  # the kernels keep the gates in their accumulate dtype
+        batch_sizes, ctx.reverse, _, gates, _ = inputs[:5]
+        ctx.save_for_backward(batch_sizes, *inputs[5:])
+        ctx.save_for_forward(batch_sizes, *inputs[5:])
+        ctx.acc = gates.dtype  # the kernels keep the gates in their accumulate dtype
 
     @staticmethod
     def backward(ctx, *grad_grads):
         first_derivative, primals = _first_derivative(ctx)
         results, vjp = torch.func.vjp(first_derivative, *primals)
-        grads = vjp(_zeros_for_none(grad_grads, results))
-        return grads + (None,) * (15 - len(grads))
+        return (None,) * 5 + vjp(_zeros_for_none(grad_grads, results))
 
     @staticmethod
     def jvp(ctx, *tangents):
         first_derivative, primals = _first_derivative(ctx)
-        results = _jvp(first_derivative, primals, _zeros_for_none(tangents, primals))
+        results = _jvp(first_derivative, primals, _zeros_for_none(tangents[5:], primals))
         # without w_hr the op returns an empty grad_w_hr
         return results + (primals[3].new_empty(0),) * (7 - len(results))
 
 
 def _first_derivative(ctx):
-    """What _DifferentiableBackward differentiates, a function of (grads out, params),
-    and its primals: the saved tensors but batch_sizes, and w_hr if there is none."""
-    *tensors, batch_sizes = ctx.saved_tensors
-    primals = tuple(t for t in tensors if t is not None)
+    """What _DifferentiableBackward differentiates, and its primals."""
+    batch_sizes, *primals = ctx.saved_tensors
     return _reference_backward(batch_sizes, ctx.reverse, ctx.acc), primals
 
 
@@ -157,7 +154,7 @@ def _forward_vmap(info, in_dims, input, h0, c0, w_ih, w_hh, bias, w_hr, batch_si
                   save_for_backward=True):
     args = (input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse, save_for_backward)
     if any(d is not None for d in in_dims[3:]):
-        return _per_member(_forward, info, in_dims, args)
+        return _per_member(_forward_op, info, in_dims, args)
     # Shared weights (per-sample gradients, a batch of independent inputs): one call over
     # the members' rows side by side. Member-minor order keeps the rows of a packed
     # batch sorted by length, each step's live rows scaled by the number of members.
@@ -167,8 +164,8 @@ def _forward_vmap(info, in_dims, input, h0, c0, w_ih, w_hh, bias, w_hr, batch_si
     c0 = _fold(c0, in_dims[2], 0, size)
     if batch_sizes is not None:
         batch_sizes = batch_sizes * size
-    output, h_n, c_n, gates, cells = _forward(input, h0, c0, w_ih, w_hh, bias, w_hr,
-                                              batch_sizes, reverse, save_for_backward)
+    output, h_n, c_n, gates, cells = _forward_op(input, h0, c0, w_ih, w_hh, bias, w_hr,
+                                                 batch_sizes, reverse, save_for_backward)
     unfolded = (output.unflatten(1, (-1, size)), h_n.unflatten(0, (-1, size)),
                 c_n.unflatten(0, (-1, size)))
     if not save_for_backward:  # gates and cells are empty: nothing per member
@@ -179,4 +176,4 @@ def _forward_vmap(info, in_dims, input, h0, c0, w_ih, w_hh, bias, w_hr, batch_si
 
 @torch.library.register_vmap("fused_lstm::backward")
 def _backward_vmap(info, in_dims, *args):
-    return _per_member(_backward, info, in_dims, args)
+    return _per_member(_backward_op, info, in_dims, args)

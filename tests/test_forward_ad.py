@@ -78,3 +78,17 @@ def test_jvp_with_packed_input():
     theirs = torch.autograd.functional.jvp(run(lstm), (packed.data,), (v,))[1]
     for a, b in zip(ours, theirs):
         assert max_error(a, b) < 1e-12 and b.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kwargs", CONFIGS, ids=str)
+def test_jvp_along_every_parameter_matches_nn_lstm(kwargs):
+    """Tangents on the weights, biases and projection too, not only on the input."""
+    lstm, fused = pair(**kwargs)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    params = dict(lstm.named_parameters())
+    tangents = {k: torch.randn_like(v) for k, v in params.items()}
+    results = [torch.func.jvp(lambda p: functional_call(m, p, (x,)), (params,), (tangents,))[1]
+               for m in (fused, lstm)]
+    (out, (h_n, c_n)), (ref_out, (ref_h, ref_c)) = results
+    for a, b in ((out, ref_out), (h_n, ref_h), (c_n, ref_c)):
+        assert max_error(a, b) < 1e-12 and b.abs().max() > 1e-3
