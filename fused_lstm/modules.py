@@ -1,10 +1,8 @@
 """FusedLSTM: torch.nn.LSTM's interface and behaviour on the fused kernels."""
 from __future__ import annotations
 
-import functools
 import math
 import numbers
-import os
 import warnings
 from typing import List, Optional, Tuple
 
@@ -13,7 +11,7 @@ from torch import Tensor, nn
 from torch.nn import init
 from torch.nn.utils.rnn import PackedSequence
 
-from . import _ops, functional
+from . import _memory, functional
 
 
 class FusedLSTM(nn.Module):
@@ -129,7 +127,7 @@ class FusedLSTM(nn.Module):
                 self._all_weights.append([name for name, _ in params])
                 shapes.extend(shape for _, shape in params)
         itemsize = (dtype or torch.get_default_dtype()).itemsize
-        _check_fits(
+        _memory.check_fits(
             sum(math.prod(shape) for shape in shapes) * itemsize,
             torch.device(device) if device is not None else torch.get_default_device(),
             "the parameters",
@@ -173,21 +171,13 @@ class FusedLSTM(nn.Module):
     def all_weights(self) -> list[list[nn.Parameter]]:
         return [[getattr(self, name) for name in names] for names in self._all_weights]
 
-    def extra_repr(self) -> str:
-        s = "{input_size}, {hidden_size}"
-        if self.proj_size != 0:
-            s += ", proj_size={proj_size}"
-        if self.num_layers != 1:
-            s += ", num_layers={num_layers}"
-        if self.bias is not True:
-            s += ", bias={bias}"
-        if self.batch_first is not False:
-            s += ", batch_first={batch_first}"
-        if self.dropout != 0:
-            s += ", dropout={dropout}"
-        if self.bidirectional is not False:
-            s += ", bidirectional={bidirectional}"
-        return s.format(**self.__dict__)
+    # nn.LSTM's own (its names, signatures and messages; code written for nn.LSTM may
+    # call them), compiled by TorchScript as ours.
+    extra_repr = nn.RNNBase.extra_repr
+    get_expected_hidden_size = nn.LSTM.get_expected_hidden_size
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_hidden_size = nn.RNNBase.check_hidden_size
+    permute_hidden = nn.LSTM.permute_hidden
 
     def _layer_weights(self, dtype: Optional[torch.dtype]) -> List[functional.LayerWeights]:
         """(w_ih, w_hh, b_ih, b_hh, w_hr) per layer and direction, cast to `dtype` if given.
@@ -217,8 +207,8 @@ class FusedLSTM(nn.Module):
             return self._flat_weights
         return [w.to(dtype) if _autocast_eligible(w) else w for w in self._flat_weights]
 
-    # nn.LSTM's checks, with its names, signatures, order and messages (code written for
-    # nn.LSTM may call them), plus the device and state-dtype checks its kernel makes.
+    # nn.LSTM's check_input and check_forward_args, with its order and messages, plus the
+    # device and state-dtype checks its kernel makes.
     def check_input(self, input: Tensor, batch_sizes: Optional[Tensor]) -> None:
         weight = self.weight_ih_l0
         if not torch.jit.is_scripting():
@@ -236,30 +226,6 @@ class FusedLSTM(nn.Module):
                 f"input.size(-1) must be equal to input_size. Expected {self.input_size}, "
                 f"got {input.size(-1)}"
             )
-
-    def get_expected_hidden_size(
-        self, input: Tensor, batch_sizes: Optional[Tensor]
-    ) -> Tuple[int, int, int]:
-        if batch_sizes is not None:
-            mini_batch = int(batch_sizes[0])
-        else:
-            mini_batch = input.size(0) if self.batch_first else input.size(1)
-        num_directions = 2 if self.bidirectional else 1
-        size = self.proj_size if self.proj_size > 0 else self.hidden_size
-        return (self.num_layers * num_directions, mini_batch, size)
-
-    def get_expected_cell_size(
-        self, input: Tensor, batch_sizes: Optional[Tensor]
-    ) -> Tuple[int, int, int]:
-        layers, mini_batch, _ = self.get_expected_hidden_size(input, batch_sizes)
-        return (layers, mini_batch, self.hidden_size)
-
-    def check_hidden_size(
-        self, hx: Tensor, expected_hidden_size: Tuple[int, int, int],
-        msg: str = "Expected hidden size {}, got {}",
-    ) -> None:
-        if hx.size() != expected_hidden_size:
-            raise RuntimeError(msg.format(expected_hidden_size, list(hx.size())))
 
     def check_forward_args(
         self, input: Tensor, hidden: Tuple[Tensor, Tensor], batch_sizes: Optional[Tensor]
@@ -290,26 +256,9 @@ class FusedLSTM(nn.Module):
                     f"Expected hidden[{k}] dtype {input.dtype} (the input's), got {state.dtype}"
                 )
 
-    def permute_hidden(
-        self, hx: Tuple[Tensor, Tensor], permutation: Optional[Tensor]
-    ) -> Tuple[Tensor, Tensor]:
-        if permutation is None:
-            return hx
-        return hx[0].index_select(1, permutation), hx[1].index_select(1, permutation)
-
+    @torch.jit.unused
     def _check_memory(self, x: Tensor, layers: int, out_size: int) -> None:
-        if torch.compiler.is_compiling() or torch.jit.is_tracing():
-            return
-        seq_len, batch = x.shape[0], x.shape[1]
-        acc = _ops.accumulate_dtype(x.dtype).itemsize
-        # Per layer and direction: output [T, B, P]; gates [T, B, 4H] and cells [T, B, H]
-        # in the accumulate dtype.
-        needed = layers * seq_len * batch * (
-            out_size * x.element_size() + 5 * self.hidden_size * acc
-        )
-        _check_fits(needed, x.device,
-                    f"the outputs and the state kept for backward of {seq_len} steps x "
-                    f"{batch} sequences")
+        _memory.check_forward(x, layers, out_size, self.hidden_size)
 
     def forward(
         self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None
@@ -438,43 +387,6 @@ def _autocast_dtype(x: Tensor) -> torch.dtype | None:
 def _autocast_eligible(t: Tensor) -> bool:
     """Autocast's own rule: floating-point tensors are cast, float64 ones are not."""
     return t.is_floating_point() and t.dtype != torch.float64
-
-
-def _check_fits(needed: int, device: torch.device, what: str) -> None:
-    """Refuses, before allocating anything, what cannot fit in the device's memory at all:
-    nn.LSTM fails there only in the allocator (after copying its input), and where memory
-    is overcommitted a process can be killed before any error."""
-    limit = _device_memory(device)
-    if limit is not None and needed > limit:
-        raise torch.OutOfMemoryError(
-            f"FusedLSTM: {what} need {needed / 2**30:.1f} GiB, more than the "
-            f"{limit / 2**30:.1f} GiB of memory of {device}"
-        )
-
-
-def _device_memory(device: torch.device) -> int | None:
-    """The memory of a device in bytes (RAM and swap for the CPU), None where unknown."""
-    if device.type == "cuda" and torch.cuda.is_available():
-        return torch.cuda.get_device_properties(device).total_memory
-    if device.type == "cpu":
-        return _host_memory()
-    return None
-
-
-@functools.cache
-def _host_memory() -> int | None:
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return None
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("SwapTotal:"):
-                    total += int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return total
 
 
 class ReferenceLSTM(FusedLSTM):
