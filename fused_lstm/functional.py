@@ -72,14 +72,14 @@ def _onnx_export(
     if not torch.onnx.is_in_onnx_export():
         return None
     if not _onnx.expressible(input, w_hr, batch_sizes):
-        return reference_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
+        return lstm_layer_reference(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
     if torch.jit.is_tracing():
         return None
-    return _onnx.lstm_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse)
+    return _onnx.onnx_lstm_node(input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse)
 
 
 @torch.jit.unused
-def reference_layer(
+def lstm_layer_reference(
     input: Tensor,
     h0: Tensor,
     c0: Tensor,
@@ -91,7 +91,7 @@ def reference_layer(
     batch_sizes: Optional[Tensor] = None,
     reverse: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """:func:`lstm_layer` computed by the Python time-step loop (fused_lstm.reference)."""
+    """The reference loop (fused_lstm.reference) with :func:`lstm_layer`'s signature."""
     from . import reference
 
     bias = _combined_bias(b_ih, b_hh)
@@ -123,7 +123,7 @@ def lstm(
     forward before reverse). Dropout applies to the outputs of every layer but the last,
     in training, drawn as nn.LSTM draws it (on the packed data with batch_sizes). Returns
     ``output [T, B, D * P]``, ``h_n``, ``c_n``. With ``reference``, each layer runs
-    :func:`reference_layer` (eager only) in place of :func:`lstm_layer`.
+    :func:`lstm_layer_reference` (eager only) in place of :func:`lstm_layer`.
     """
     directions = 2 if bidirectional else 1
     h_n: List[Tensor] = []
@@ -139,7 +139,7 @@ def lstm(
             w_ih, w_hh, b_ih, b_hh, w_hr = weights[k]
             reverse = direction == 1
             if reference:
-                out, h, c = reference_layer(x, h0[k], c0[k], w_ih, w_hh, b_ih, b_hh, w_hr,
+                out, h, c = lstm_layer_reference(x, h0[k], c0[k], w_ih, w_hh, b_ih, b_hh, w_hr,
                                             batch_sizes, reverse)
             else:
                 out, h, c = lstm_layer(x, h0[k], c0[k], w_ih, w_hh, b_ih, b_hh, w_hr,

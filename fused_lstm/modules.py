@@ -35,7 +35,7 @@ class FusedLSTM(nn.Module):
     ]
     __jit_unused_properties__ = ["all_weights", "_flat_weights"]
 
-    # Whether each layer runs the reference loop (functional.reference_layer, eager only)
+    # Whether each layer runs the reference loop (functional.lstm_layer_reference, eager only)
     # in place of the fused op (functional.lstm_layer).
     _reference = False
 
