@@ -37,7 +37,7 @@ def expressible(input: Tensor, w_hr: Tensor | None, batch_sizes: Tensor | None) 
     return w_hr is None and batch_sizes is None and input.dtype in ONNX_LSTM_DTYPES
 
 
-def lstm_layer(
+def onnx_lstm_node(
     input: Tensor,
     h0: Tensor,
     c0: Tensor,

@@ -4,9 +4,7 @@ Only one layer in one direction is native (torch.ops.fused_lstm.forward); layers
 directions, inter-layer dropout and packed sequences are composed here in plain torch,
 the same for every device.
 """
-from __future__ import annotations
-
-from collections.abc import Callable, Sequence
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +13,7 @@ from torch import Tensor
 from . import _onnx, _ops
 
 # (w_ih, w_hh, b_ih, b_hh, w_hr) of one layer and direction; biases and w_hr may be None.
-LayerWeights = tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]
+LayerWeights = Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]
 
 
 def lstm_layer(
@@ -24,12 +22,12 @@ def lstm_layer(
     c0: Tensor,
     w_ih: Tensor,
     w_hh: Tensor,
-    b_ih: Tensor | None = None,
-    b_hh: Tensor | None = None,
-    w_hr: Tensor | None = None,
-    batch_sizes: Tensor | None = None,
+    b_ih: Optional[Tensor] = None,
+    b_hh: Optional[Tensor] = None,
+    w_hr: Optional[Tensor] = None,
+    batch_sizes: Optional[Tensor] = None,
     reverse: bool = False,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor, Tensor]:
     """One LSTM layer in one direction, fused.
 
     Args:
@@ -51,38 +49,56 @@ def lstm_layer(
     Under ``torch.onnx.export`` the layer is exported as ONNX's LSTM operator, or as the
     reference loop where that operator cannot express it (fused_lstm._onnx).
     """
-    if torch.onnx.is_in_onnx_export():
-        if not _onnx.expressible(input, w_hr, batch_sizes):
-            return reference_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes,
-                                   reverse)
-        # Under the TorchScript exporter (tracing), the op is recorded and mapped by its
-        # registered symbolic.
-        if not torch.jit.is_tracing():
-            return _onnx.lstm_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse)
+    if not torch.jit.is_scripting():
+        exported = _onnx_export(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
+        if exported is not None:
+            return exported
     bias = _combined_bias(b_ih, b_hh)
+    if torch.jit.is_scripting():
+        output, h_n, c_n, _, _ = torch.ops.fused_lstm.forward(
+            input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse)
+        return output, h_n, c_n
     return _ops.run_forward(input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse)
 
 
-def reference_layer(
+@torch.jit.unused
+def _onnx_export(
+    input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+    b_hh: Optional[Tensor], w_hr: Optional[Tensor], batch_sizes: Optional[Tensor], reverse: bool,
+) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
+    """The layer under torch.onnx.export: ONNX's LSTM operator, or the reference loop where
+    that operator cannot express it. None outside an export, and under the TorchScript
+    exporter (tracing), which records the op and maps it by its registered symbolic."""
+    if not torch.onnx.is_in_onnx_export():
+        return None
+    if not _onnx.expressible(input, w_hr, batch_sizes):
+        return lstm_layer_reference(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
+    if torch.jit.is_tracing():
+        return None
+    return _onnx.onnx_lstm_node(input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse)
+
+
+@torch.jit.unused
+def lstm_layer_reference(
     input: Tensor,
     h0: Tensor,
     c0: Tensor,
     w_ih: Tensor,
     w_hh: Tensor,
-    b_ih: Tensor | None = None,
-    b_hh: Tensor | None = None,
-    w_hr: Tensor | None = None,
-    batch_sizes: Tensor | None = None,
+    b_ih: Optional[Tensor] = None,
+    b_hh: Optional[Tensor] = None,
+    w_hr: Optional[Tensor] = None,
+    batch_sizes: Optional[Tensor] = None,
     reverse: bool = False,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`lstm_layer` computed by the Python time-step loop (fused_lstm.reference)."""
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """The reference loop (fused_lstm.reference) with :func:`lstm_layer`'s signature."""
     from . import reference
 
     bias = _combined_bias(b_ih, b_hh)
     return reference.lstm_layer(input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse)
 
 
-def _combined_bias(b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor | None:
+def _combined_bias(b_ih: Optional[Tensor], b_hh: Optional[Tensor]) -> Optional[Tensor]:
     if b_ih is None:
         return b_hh
     return b_ih if b_hh is None else b_ih + b_hh
@@ -92,49 +108,60 @@ def lstm(
     input: Tensor,
     h0: Tensor,
     c0: Tensor,
-    weights: Sequence[LayerWeights],
+    weights: List[LayerWeights],
     num_layers: int,
     bidirectional: bool = False,
     dropout: float = 0.0,
     training: bool = False,
-    batch_sizes: Tensor | None = None,
-    layer: Callable[..., tuple[Tensor, Tensor, Tensor]] = lstm_layer,
-) -> tuple[Tensor, Tensor, Tensor]:
+    batch_sizes: Optional[Tensor] = None,
+    reference: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor]:
     """A stack of LSTM layers over a time-major ``[T, B, I]`` input.
 
     ``h0``/``c0`` are ``[num_layers * D, B, *]`` and ``weights`` holds one
     :data:`LayerWeights` per layer and direction, in nn.LSTM's order (layer-major,
     forward before reverse). Dropout applies to the outputs of every layer but the last,
     in training, drawn as nn.LSTM draws it (on the packed data with batch_sizes). Returns
-    ``output [T, B, D * P]``, ``h_n``, ``c_n``.
+    ``output [T, B, D * P]``, ``h_n``, ``c_n``. With ``reference``, each layer runs
+    :func:`lstm_layer_reference` (eager only) in place of :func:`lstm_layer`.
     """
     directions = 2 if bidirectional else 1
-    h_n: list[Tensor] = []
-    c_n: list[Tensor] = []
+    h_n: List[Tensor] = []
+    c_n: List[Tensor] = []
+    positions: Optional[Tensor] = None
+    if batch_sizes is not None and dropout > 0 and training:
+        positions = packed_positions(batch_sizes).to(input.device)
     x = input
     for layer_index in range(num_layers):
-        outputs = []
+        outputs: List[Tensor] = []
         for direction in range(directions):
             k = layer_index * directions + direction
-            out, h, c = layer(x, h0[k], c0[k], *weights[k], batch_sizes=batch_sizes,
-                              reverse=direction == 1)
+            w_ih, w_hh, b_ih, b_hh, w_hr = weights[k]
+            reverse = direction == 1
+            if reference:
+                out, h, c = lstm_layer_reference(x, h0[k], c0[k], w_ih, w_hh, b_ih, b_hh, w_hr,
+                                            batch_sizes, reverse)
+            else:
+                out, h, c = lstm_layer(x, h0[k], c0[k], w_ih, w_hh, b_ih, b_hh, w_hr,
+                                       batch_sizes, reverse)
             outputs.append(out)
             h_n.append(h)
             c_n.append(c)
         x = outputs[0] if directions == 1 else torch.cat(outputs, 2)
         if dropout > 0 and training and layer_index < num_layers - 1:
-            x = _dropout(x, dropout, batch_sizes)
+            x = _dropout(x, dropout, batch_sizes, positions)
     return x, torch.stack(h_n), torch.stack(c_n)
 
 
-def _dropout(x: Tensor, p: float, batch_sizes: Tensor | None) -> Tensor:
+def _dropout(
+    x: Tensor, p: float, batch_sizes: Optional[Tensor], positions: Optional[Tensor]
+) -> Tensor:
     """Inter-layer dropout as nn.LSTM draws it: on the ``[T, B, F]`` tensor, or with
     batch_sizes on the packed data ``[N, F]`` (aten/src/ATen/native/RNN.cpp drops out the
     packed outputs), so that the same seed zeroes the same values and leaves the random
     state where nn.LSTM leaves it."""
-    if batch_sizes is None:
+    if batch_sizes is None or positions is None:
         return F.dropout(x, p, training=True)
-    positions = packed_positions(batch_sizes).to(x.device)
     data = F.dropout(padded_to_packed(x, positions), p, training=True)
     return packed_to_padded(data, batch_sizes, positions)
 

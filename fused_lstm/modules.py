@@ -1,19 +1,17 @@
 """FusedLSTM: torch.nn.LSTM's interface and behaviour on the fused kernels."""
 from __future__ import annotations
 
-import functools
 import math
 import numbers
-import os
 import warnings
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 from torch.nn import init
 from torch.nn.utils.rnn import PackedSequence
 
-from . import _ops, functional
+from . import _memory, functional
 
 
 class FusedLSTM(nn.Module):
@@ -33,12 +31,13 @@ class FusedLSTM(nn.Module):
 
     __constants__ = [
         "mode", "input_size", "hidden_size", "num_layers", "bias", "batch_first",
-        "dropout", "bidirectional", "proj_size",
+        "dropout", "bidirectional", "proj_size", "_reference",
     ]
     __jit_unused_properties__ = ["all_weights", "_flat_weights"]
 
-    # The function that runs one layer in one direction (see functional.lstm_layer).
-    _layer = staticmethod(functional.lstm_layer)
+    # Whether each layer runs the reference loop (functional.lstm_layer_reference, eager only)
+    # in place of the fused op (functional.lstm_layer).
+    _reference = False
 
     def __init__(
         self,
@@ -108,8 +107,8 @@ class FusedLSTM(nn.Module):
         num_directions = 2 if bidirectional else 1
         gate_size = 4 * hidden_size
         real_hidden_size = proj_size if proj_size > 0 else hidden_size
-        self._flat_weights_names: list[str] = []
-        self._all_weights: list[list[str]] = []
+        self._flat_weights_names = []
+        self._all_weights = []
         shapes: list[tuple[int, ...]] = []
         for layer in range(num_layers):
             for direction in range(num_directions):
@@ -128,7 +127,7 @@ class FusedLSTM(nn.Module):
                 self._all_weights.append([name for name, _ in params])
                 shapes.extend(shape for _, shape in params)
         itemsize = (dtype or torch.get_default_dtype()).itemsize
-        _check_fits(
+        _memory.check_fits(
             sum(math.prod(shape) for shape in shapes) * itemsize,
             torch.device(device) if device is not None else torch.get_default_device(),
             "the parameters",
@@ -151,11 +150,10 @@ class FusedLSTM(nn.Module):
         return fused.train(lstm.training)
 
     def __prepare_scriptable__(self) -> nn.Module:
-        """torch.jit.script compiles a stand-in with the same parameters and a forward in
-        TorchScript's subset (fused_lstm._script): tensor input, not PackedSequence."""
-        from ._script import ScriptableFusedLSTM
-
-        return ScriptableFusedLSTM(self)
+        """torch.jit.script compiles this module's own forward (tensor input, not
+        PackedSequence), which reads the parameters as one list, in nn.LSTM's order."""
+        self._script_weights = self._flat_weights
+        return self
 
     def reset_parameters(self) -> None:
         stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
@@ -173,38 +171,44 @@ class FusedLSTM(nn.Module):
     def all_weights(self) -> list[list[nn.Parameter]]:
         return [[getattr(self, name) for name in names] for names in self._all_weights]
 
-    def extra_repr(self) -> str:
-        s = "{input_size}, {hidden_size}"
-        if self.proj_size != 0:
-            s += ", proj_size={proj_size}"
-        if self.num_layers != 1:
-            s += ", num_layers={num_layers}"
-        if self.bias is not True:
-            s += ", bias={bias}"
-        if self.batch_first is not False:
-            s += ", batch_first={batch_first}"
-        if self.dropout != 0:
-            s += ", dropout={dropout}"
-        if self.bidirectional is not False:
-            s += ", bidirectional={bidirectional}"
-        return s.format(**self.__dict__)
+    # nn.LSTM's own (its names, signatures and messages; code written for nn.LSTM may
+    # call them), compiled by TorchScript as ours.
+    extra_repr = nn.RNNBase.extra_repr
+    get_expected_hidden_size = nn.LSTM.get_expected_hidden_size
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_hidden_size = nn.RNNBase.check_hidden_size
+    permute_hidden = nn.LSTM.permute_hidden
 
-    def _layer_weights(self, dtype: torch.dtype | None) -> list[functional.LayerWeights]:
+    def _layer_weights(self, dtype: Optional[torch.dtype]) -> List[functional.LayerWeights]:
         """(w_ih, w_hh, b_ih, b_hh, w_hr) per layer and direction, cast to `dtype` if given.
         Each layer's names are in nn.LSTM's order: w_ih, w_hh, then b_ih, b_hh with bias,
         then w_hr with a projection."""
-        weights = []
-        for names in self._all_weights:
-            params = [getattr(self, name) for name in names]
-            if dtype is not None:
-                params = [w.to(dtype) if _autocast_eligible(w) else w for w in params]
-            biases = (params[2], params[3]) if self.bias else (None, None)
-            w_hr = params[-1] if self.proj_size > 0 else None
-            weights.append((params[0], params[1], *biases, w_hr))
+        if torch.jit.is_scripting():
+            flat = self._script_weights
+        else:
+            flat = self._cast_flat_weights(dtype)
+        per_layer = len(self._all_weights[0])
+        weights: List[functional.LayerWeights] = []
+        for k in range(len(self._all_weights)):
+            params = flat[k * per_layer:(k + 1) * per_layer]
+            b_ih: Optional[Tensor] = None
+            b_hh: Optional[Tensor] = None
+            w_hr: Optional[Tensor] = None
+            if self.bias:
+                b_ih, b_hh = params[2], params[3]
+            if self.proj_size > 0:
+                w_hr = params[-1]
+            weights.append((params[0], params[1], b_ih, b_hh, w_hr))
         return weights
 
-    # nn.LSTM's checks, with its names, signatures, order and messages (code written for
-    # nn.LSTM may call them), plus the device and state-dtype checks its kernel makes.
+    @torch.jit.unused
+    def _cast_flat_weights(self, dtype: Optional[torch.dtype]) -> List[Tensor]:
+        if dtype is None:
+            return self._flat_weights
+        return [w.to(dtype) if _autocast_eligible(w) else w for w in self._flat_weights]
+
+    # nn.LSTM's check_input and check_forward_args, with its order and messages, plus the
+    # device and state-dtype checks its kernel makes.
     def check_input(self, input: Tensor, batch_sizes: Optional[Tensor]) -> None:
         weight = self.weight_ih_l0
         if not torch.jit.is_scripting():
@@ -222,30 +226,6 @@ class FusedLSTM(nn.Module):
                 f"input.size(-1) must be equal to input_size. Expected {self.input_size}, "
                 f"got {input.size(-1)}"
             )
-
-    def get_expected_hidden_size(
-        self, input: Tensor, batch_sizes: Optional[Tensor]
-    ) -> Tuple[int, int, int]:
-        if batch_sizes is not None:
-            mini_batch = int(batch_sizes[0])
-        else:
-            mini_batch = input.size(0) if self.batch_first else input.size(1)
-        num_directions = 2 if self.bidirectional else 1
-        size = self.proj_size if self.proj_size > 0 else self.hidden_size
-        return (self.num_layers * num_directions, mini_batch, size)
-
-    def get_expected_cell_size(
-        self, input: Tensor, batch_sizes: Optional[Tensor]
-    ) -> Tuple[int, int, int]:
-        layers, mini_batch, _ = self.get_expected_hidden_size(input, batch_sizes)
-        return (layers, mini_batch, self.hidden_size)
-
-    def check_hidden_size(
-        self, hx: Tensor, expected_hidden_size: Tuple[int, int, int],
-        msg: str = "Expected hidden size {}, got {}",
-    ) -> None:
-        if hx.size() != expected_hidden_size:
-            raise RuntimeError(msg.format(expected_hidden_size, list(hx.size())))
 
     def check_forward_args(
         self, input: Tensor, hidden: Tuple[Tensor, Tensor], batch_sizes: Optional[Tensor]
@@ -276,90 +256,93 @@ class FusedLSTM(nn.Module):
                     f"Expected hidden[{k}] dtype {input.dtype} (the input's), got {state.dtype}"
                 )
 
-    def permute_hidden(
-        self, hx: Tuple[Tensor, Tensor], permutation: Optional[Tensor]
-    ) -> Tuple[Tensor, Tensor]:
-        if permutation is None:
-            return hx
-        return hx[0].index_select(1, permutation), hx[1].index_select(1, permutation)
-
+    @torch.jit.unused
     def _check_memory(self, x: Tensor, layers: int, out_size: int) -> None:
-        if torch.compiler.is_compiling() or torch.jit.is_tracing():
-            return
-        seq_len, batch = x.shape[0], x.shape[1]
-        acc = _ops.accumulate_dtype(x.dtype).itemsize
-        # Per layer and direction: output [T, B, P]; gates [T, B, 4H] and cells [T, B, H]
-        # in the accumulate dtype.
-        needed = layers * seq_len * batch * (
-            out_size * x.element_size() + 5 * self.hidden_size * acc
-        )
-        _check_fits(needed, x.device,
-                    f"the outputs and the state kept for backward of {seq_len} steps x "
-                    f"{batch} sequences")
+        _memory.check_forward(x, layers, out_size, self.hidden_size)
 
-    def forward(self, input, hx=None):
-        """nn.LSTM's forward, checks in its order (see nn.LSTM for the arguments)."""
-        packed = isinstance(input, PackedSequence)
-        batch_sizes = sorted_indices = unsorted_indices = None
-        if packed:
-            input, batch_sizes, sorted_indices, unsorted_indices = input
-            _check_batch_sizes(batch_sizes, input)
-        elif input.dim() not in (2, 3):
+    def forward(
+        self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None
+    ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+        """nn.LSTM's forward, checks in its order (see nn.LSTM for the arguments).
+
+        One path for eager mode and TorchScript (torch.jit.script compiles this module
+        itself); PackedSequence input, autocast and the memory check are eager only."""
+        if not torch.jit.is_scripting():
+            if isinstance(input, PackedSequence):
+                return self._forward_packed(input, hx)
+        if input.dim() != 2 and input.dim() != 3:
             raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
-        batched = packed or input.dim() == 3
+        batched = input.dim() == 3
         batch_dim = 0 if self.batch_first else 1
         if not batched:
             input = input.unsqueeze(batch_dim)
-        if hx is None:
-            zeros = dict(dtype=input.dtype, device=input.device)
-            hx = (torch.zeros(self.get_expected_hidden_size(input, batch_sizes), **zeros),
-                  torch.zeros(self.get_expected_cell_size(input, batch_sizes), **zeros))
-        else:
-            if not packed:
-                expected = 3 if batched else 2
-                if hx[0].dim() != expected or hx[1].dim() != expected:
-                    kind = "batched 3-D" if batched else "unbatched 2-D"
-                    raise RuntimeError(
-                        f"For {kind} input, hx and cx should also be {expected}-D but got "
-                        f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
-                    )
-            if isinstance(hx, Tensor) or len(hx) != 2:
-                raise RuntimeError("lstm expects two hidden states")
+        if hx is not None:
+            expected = 3 if batched else 2
+            if hx[0].dim() != expected or hx[1].dim() != expected:
+                kind = "batched 3-D" if batched else "unbatched 2-D"
+                raise RuntimeError(
+                    f"For {kind} input, hx and cx should also be {expected}-D but got "
+                    f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
+                )
+            if not torch.jit.is_scripting():
+                _check_two_states(hx)
             if not batched:
                 hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
-        self.check_forward_args(input, tuple(hx), batch_sizes)
-        h0, c0 = self.permute_hidden(tuple(hx), sorted_indices)
+        output, h_n, c_n = self._run(input, hx, None, None, None)
+        if not batched:
+            output = output.squeeze(batch_dim)
+            h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
+        return output, (h_n, c_n)
 
-        if packed:
+    @torch.jit.unused
+    def _forward_packed(self, input: PackedSequence, hx: Optional[Tuple[Tensor, Tensor]]):
+        data, batch_sizes, sorted_indices, unsorted_indices = input
+        _check_batch_sizes(batch_sizes, data)
+        if hx is not None:
+            _check_two_states(hx)
+        output, h_n, c_n = self._run(data, hx, batch_sizes, sorted_indices, unsorted_indices)
+        return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices), (h_n, c_n)
+
+    def _run(
+        self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]],
+        batch_sizes: Optional[Tensor], sorted_indices: Optional[Tensor],
+        unsorted_indices: Optional[Tensor],
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """The checks and the layer stack on ``input``, the batched tensor or (with
+        batch_sizes) the packed data; returns the output in the same layout."""
+        if hx is None:
+            h0 = torch.zeros(self.get_expected_hidden_size(input, batch_sizes),
+                             dtype=input.dtype, device=input.device)
+            c0 = torch.zeros(self.get_expected_cell_size(input, batch_sizes),
+                             dtype=input.dtype, device=input.device)
+        else:
+            h0, c0 = hx[0], hx[1]
+        self.check_forward_args(input, (h0, c0), batch_sizes)
+        h0, c0 = self.permute_hidden((h0, c0), sorted_indices)
+        positions: Optional[Tensor] = None
+        if batch_sizes is not None:
             positions = functional.packed_positions(batch_sizes).to(input.device)
             x = functional.packed_to_padded(input, batch_sizes, positions)
         else:
             x = input.transpose(0, 1) if self.batch_first else input
             if x.size(0) == 0:
                 raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
-        self._check_memory(x, h0.size(0), h0.size(2))
-
-        # Under autocast, run in its dtype, as nn.LSTM does on cuDNN; like autocast itself,
-        # leave float64 alone.
-        dtype = None
-        if torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x, h0, c0 = (t.to(dtype) if _autocast_eligible(t) else t for t in (x, h0, c0))
-
+        dtype: Optional[torch.dtype] = None
+        if not torch.jit.is_scripting():
+            self._check_memory(x, h0.size(0), h0.size(2))
+            dtype = _autocast_dtype(x)
+            if dtype is not None:
+                x, h0, c0 = (t.to(dtype) if _autocast_eligible(t) else t for t in (x, h0, c0))
         output, h_n, c_n = functional.lstm(
             x, h0, c0, self._layer_weights(dtype), self.num_layers, self.bidirectional,
-            self.dropout, self.training, batch_sizes, layer=self._layer,
+            self.dropout, self.training, batch_sizes, self._reference,
         )
         h_n, c_n = self.permute_hidden((h_n, c_n), unsorted_indices)
-        if packed:
-            data = functional.padded_to_packed(output, positions)
-            return PackedSequence(data, batch_sizes, sorted_indices, unsorted_indices), (h_n, c_n)
-        if self.batch_first:
+        if positions is not None:
+            output = functional.padded_to_packed(output, positions)
+        elif self.batch_first:
             output = output.transpose(0, 1)
-        if not batched:
-            output = output.squeeze(batch_dim)
-            h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
-        return output, (h_n, c_n)
+        return output, h_n, c_n
 
 
 def _check_batch_sizes(batch_sizes: Tensor, data: Tensor) -> None:
@@ -389,56 +372,32 @@ def _check_batch_sizes(batch_sizes: Tensor, data: Tensor) -> None:
                            f"{sum(sizes)}")
 
 
-def _autocast_eligible(t: Tensor) -> bool:
-    """Autocast's own rule: floating-point tensors are cast, float64 ones are not."""
-    return t.is_floating_point() and t.dtype != torch.float64
+def _check_two_states(hx) -> None:
+    if isinstance(hx, Tensor) or len(hx) != 2:
+        raise RuntimeError("lstm expects two hidden states")
 
 
-def _check_fits(needed: int, device: torch.device, what: str) -> None:
-    """Refuses, before allocating anything, what cannot fit in the device's memory at all:
-    nn.LSTM fails there only in the allocator (after copying its input), and where memory
-    is overcommitted a process can be killed before any error."""
-    limit = _device_memory(device)
-    if limit is not None and needed > limit:
-        raise torch.OutOfMemoryError(
-            f"FusedLSTM: {what} need {needed / 2**30:.1f} GiB, more than the "
-            f"{limit / 2**30:.1f} GiB of memory of {device}"
-        )
-
-
-def _device_memory(device: torch.device) -> int | None:
-    """The memory of a device in bytes (RAM and swap for the CPU), None where unknown."""
-    if device.type == "cuda" and torch.cuda.is_available():
-        return torch.cuda.get_device_properties(device).total_memory
-    if device.type == "cpu":
-        return _host_memory()
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """Under autocast, the dtype to run in, as nn.LSTM does on cuDNN."""
+    if torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
     return None
 
 
-@functools.cache
-def _host_memory() -> int | None:
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return None
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("SwapTotal:"):
-                    total += int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return total
+def _autocast_eligible(t: Tensor) -> bool:
+    """Autocast's own rule: floating-point tensors are cast, float64 ones are not."""
+    return t.is_floating_point() and t.dtype != torch.float64
 
 
 class ReferenceLSTM(FusedLSTM):
     """FusedLSTM's interface on the Python time-step loop (fused_lstm.reference): the
     slow baseline of the benchmark and the examples, with everything else equal."""
 
-    _layer = staticmethod(functional.reference_layer)
+    _reference = True
 
     def __prepare_scriptable__(self) -> nn.Module:
-        return self  # the stand-in runs the fused op; this class has no scripted form
+        raise RuntimeError("ReferenceLSTM runs the Python reference loop and cannot be "
+                           "scripted; script a FusedLSTM")
 
 
 # A whole saved model (torch.save(model)) loads with torch.load's default weights_only=True

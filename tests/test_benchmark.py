@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fused_lstm import FusedLSTM
+from fused_lstm import functional
 
 RUN_PY = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
 spec = importlib.util.spec_from_file_location("benchmark_run", RUN_PY)
@@ -260,7 +261,7 @@ def wrong_backward(layer):
     ("fwdbwd", wrong_backward, "grad of weight_hh_l0"),
 ])
 def test_wrong_fused_lstm_stops_the_benchmark(monkeypatch, tmp_path, mode, breaks, wrong_tensor):
-    monkeypatch.setattr(FusedLSTM, "_layer", staticmethod(breaks(FusedLSTM._layer)))
+    monkeypatch.setattr(functional, "lstm_layer", breaks(functional.lstm_layer))
     stopped = f"FusedLSTM is wrong: .*{wrong_tensor}: FusedLSTM's error"
     with pytest.raises(SystemExit, match=stopped):
         run.main(TINY + ["--mode", mode, "--out", str(tmp_path)])

@@ -1,5 +1,5 @@
 """TorchScript: torch.jit.script and torch.jit.trace of models containing FusedLSTM, as
-with nn.LSTM (fused_lstm/_script.py)."""
+with nn.LSTM (FusedLSTM.forward)."""
 import io
 
 import pytest
