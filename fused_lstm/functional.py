@@ -115,6 +115,7 @@ def lstm(
     training: bool = False,
     batch_sizes: Optional[Tensor] = None,
     reference: bool = False,
+    positions: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """A stack of LSTM layers over a time-major ``[T, B, I]`` input.
 
@@ -124,12 +125,12 @@ def lstm(
     in training, drawn as nn.LSTM draws it (on the packed data with batch_sizes). Returns
     ``output [T, B, D * P]``, ``h_n``, ``c_n``. With ``reference``, each layer runs
     :func:`lstm_layer_reference` (eager only) in place of :func:`lstm_layer`.
+    ``positions``: :func:`packed_positions` of batch_sizes, if the caller has them already.
     """
     directions = 2 if bidirectional else 1
     h_n: List[Tensor] = []
     c_n: List[Tensor] = []
-    positions: Optional[Tensor] = None
-    if batch_sizes is not None and dropout > 0 and training:
+    if positions is None and batch_sizes is not None and dropout > 0 and training:
         positions = packed_positions(batch_sizes).to(input.device)
     x = input
     for layer_index in range(num_layers):

@@ -335,7 +335,7 @@ class FusedLSTM(nn.Module):
                 x, h0, c0 = (t.to(dtype) if _autocast_eligible(t) else t for t in (x, h0, c0))
         output, h_n, c_n = functional.lstm(
             x, h0, c0, self._layer_weights(dtype), self.num_layers, self.bidirectional,
-            self.dropout, self.training, batch_sizes, self._reference,
+            self.dropout, self.training, batch_sizes, self._reference, positions,
         )
         h_n, c_n = self.permute_hidden((h_n, c_n), unsorted_indices)
         if positions is not None:
