@@ -10,19 +10,18 @@ from torch import Tensor
 from . import _ops
 
 
-def check_forward(x: Tensor, layers: int, out_size: int, hidden_size: int) -> None:
-    """The outputs and the state kept for backward of a forward over the time-major x."""
+def check_forward(input: Tensor, steps: int, h0: Tensor, hidden_size: int) -> None:
+    """The outputs and the state kept for backward of a forward of ``steps`` steps from
+    ``h0 [layers * directions, B, P]``."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return
-    seq_len, batch = x.shape[0], x.shape[1]
-    acc = _ops.accumulate_dtype(x.dtype).itemsize
+    layers, batch, out_size = h0.shape
+    acc = _ops.accumulate_dtype(input.dtype).itemsize
     # Per layer and direction: output [T, B, P]; gates [T, B, 4H] and cells [T, B, H]
     # in the accumulate dtype.
-    needed = layers * seq_len * batch * (
-        out_size * x.element_size() + 5 * hidden_size * acc
-    )
-    check_fits(needed, x.device,
-               f"the outputs and the state kept for backward of {seq_len} steps x "
+    needed = layers * steps * batch * (out_size * input.element_size() + 5 * hidden_size * acc)
+    check_fits(needed, input.device,
+               f"the outputs and the state kept for backward of {steps} steps x "
                f"{batch} sequences")
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _onnx, _ops
+from .reference import lstm_layer as _reference_layer
 
 # (w_ih, w_hh, b_ih, b_hh, w_hr) of one layer and direction; biases and w_hr may be None.
 LayerWeights = Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]
@@ -49,53 +50,17 @@ def lstm_layer(
     Under ``torch.onnx.export`` the layer is exported as ONNX's LSTM operator, or as the
     reference loop where that operator cannot express it (fused_lstm._onnx).
     """
+    bias = _combined_bias(b_ih, b_hh)
     if not torch.jit.is_scripting():
-        exported = _onnx_export(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
-        if exported is not None:
-            return exported
-    bias = _combined_bias(b_ih, b_hh)
-    if torch.jit.is_scripting():
-        output, h_n, c_n, _, _ = torch.ops.fused_lstm.forward(
-            input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse)
-        return output, h_n, c_n
-    return _ops.run_forward(input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse)
-
-
-@torch.jit.unused
-def _onnx_export(
-    input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
-    b_hh: Optional[Tensor], w_hr: Optional[Tensor], batch_sizes: Optional[Tensor], reverse: bool,
-) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
-    """The layer under torch.onnx.export: ONNX's LSTM operator, or the reference loop where
-    that operator cannot express it. None outside an export, and under the TorchScript
-    exporter (tracing), which records the op and maps it by its registered symbolic."""
-    if not torch.onnx.is_in_onnx_export():
-        return None
-    if not _onnx.expressible(input, w_hr, batch_sizes):
-        return lstm_layer_reference(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
-    if torch.jit.is_tracing():
-        return None
-    return _onnx.onnx_lstm_node(input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse)
-
-
-@torch.jit.unused
-def lstm_layer_reference(
-    input: Tensor,
-    h0: Tensor,
-    c0: Tensor,
-    w_ih: Tensor,
-    w_hh: Tensor,
-    b_ih: Optional[Tensor] = None,
-    b_hh: Optional[Tensor] = None,
-    w_hr: Optional[Tensor] = None,
-    batch_sizes: Optional[Tensor] = None,
-    reverse: bool = False,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """The reference loop (fused_lstm.reference) with :func:`lstm_layer`'s signature."""
-    from . import reference
-
-    bias = _combined_bias(b_ih, b_hh)
-    return reference.lstm_layer(input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse)
+        if torch.onnx.is_in_onnx_export():
+            if not _onnx.expressible(input, w_hr, batch_sizes):
+                return _reference_layer(input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse)
+            if not torch.jit.is_tracing():  # the TorchScript exporter maps the op by its symbolic
+                return _onnx.onnx_lstm_node(input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse)
+        return _ops.run_forward(input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse)
+    output, h_n, c_n, _, _ = torch.ops.fused_lstm.forward(
+        input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse)
+    return output, h_n, c_n
 
 
 def _combined_bias(b_ih: Optional[Tensor], b_hh: Optional[Tensor]) -> Optional[Tensor]:
@@ -114,57 +79,57 @@ def lstm(
     dropout: float = 0.0,
     training: bool = False,
     batch_sizes: Optional[Tensor] = None,
+    batch_first: bool = False,
     reference: bool = False,
-    positions: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """A stack of LSTM layers over a time-major ``[T, B, I]`` input.
+    """A stack of LSTM layers, as nn.LSTM's kernel computes it after its checks.
 
+    ``input`` is ``[T, B, I]`` (``[B, T, I]`` with batch_first) or, with ``batch_sizes``, a
+    PackedSequence's data ``[N, I]``; the output ``[*, D * P]`` comes in the same layout.
     ``h0``/``c0`` are ``[num_layers * D, B, *]`` and ``weights`` holds one
     :data:`LayerWeights` per layer and direction, in nn.LSTM's order (layer-major,
     forward before reverse). Dropout applies to the outputs of every layer but the last,
-    in training, drawn as nn.LSTM draws it (on the packed data with batch_sizes). Returns
-    ``output [T, B, D * P]``, ``h_n``, ``c_n``. With ``reference``, each layer runs
-    :func:`lstm_layer_reference` (eager only) in place of :func:`lstm_layer`.
-    ``positions``: :func:`packed_positions` of batch_sizes, if the caller has them already.
+    in training, drawn as nn.LSTM draws it. Returns ``output``, ``h_n``, ``c_n``. With
+    ``reference``, each layer runs the reference loop (eager only) in place of
+    :func:`lstm_layer`.
     """
+    positions: Optional[Tensor] = None
+    if batch_sizes is not None:
+        positions = packed_positions(batch_sizes).to(input.device)
+        x = packed_to_padded(input, positions, batch_sizes.numel(), int(batch_sizes[0]))
+    else:
+        x = input.transpose(0, 1) if batch_first else input
+        if x.size(0) == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
     directions = 2 if bidirectional else 1
     h_n: List[Tensor] = []
     c_n: List[Tensor] = []
-    if positions is None and batch_sizes is not None and dropout > 0 and training:
-        positions = packed_positions(batch_sizes).to(input.device)
-    x = input
     for layer_index in range(num_layers):
         outputs: List[Tensor] = []
         for direction in range(directions):
             k = layer_index * directions + direction
             w_ih, w_hh, b_ih, b_hh, w_hr = weights[k]
-            reverse = direction == 1
-            if reference:
-                out, h, c = lstm_layer_reference(x, h0[k], c0[k], w_ih, w_hh, b_ih, b_hh, w_hr,
-                                            batch_sizes, reverse)
-            else:
+            if torch.jit.is_scripting() or not reference:
                 out, h, c = lstm_layer(x, h0[k], c0[k], w_ih, w_hh, b_ih, b_hh, w_hr,
-                                       batch_sizes, reverse)
+                                       batch_sizes, direction == 1)
+            else:
+                out, h, c = _reference_layer(x, h0[k], c0[k], w_ih, w_hh, _combined_bias(b_ih, b_hh),
+                                             w_hr, batch_sizes, direction == 1)
             outputs.append(out)
             h_n.append(h)
             c_n.append(c)
         x = outputs[0] if directions == 1 else torch.cat(outputs, 2)
         if dropout > 0 and training and layer_index < num_layers - 1:
-            x = _dropout(x, dropout, batch_sizes, positions)
+            if positions is None:
+                x = F.dropout(x, dropout, training=True)
+            else:  # nn.LSTM drops out the packed data (aten/src/ATen/native/RNN.cpp): same draws
+                data = F.dropout(padded_to_packed(x, positions), dropout, training=True)
+                x = packed_to_padded(data, positions, x.size(0), x.size(1))
+    if positions is not None:
+        x = padded_to_packed(x, positions)
+    elif batch_first:
+        x = x.transpose(0, 1)
     return x, torch.stack(h_n), torch.stack(c_n)
-
-
-def _dropout(
-    x: Tensor, p: float, batch_sizes: Optional[Tensor], positions: Optional[Tensor]
-) -> Tensor:
-    """Inter-layer dropout as nn.LSTM draws it: on the ``[T, B, F]`` tensor, or with
-    batch_sizes on the packed data ``[N, F]`` (aten/src/ATen/native/RNN.cpp drops out the
-    packed outputs), so that the same seed zeroes the same values and leaves the random
-    state where nn.LSTM leaves it."""
-    if batch_sizes is None or positions is None:
-        return F.dropout(x, p, training=True)
-    data = F.dropout(padded_to_packed(x, positions), p, training=True)
-    return packed_to_padded(data, batch_sizes, positions)
 
 
 def packed_positions(batch_sizes: Tensor) -> Tensor:
@@ -175,9 +140,8 @@ def packed_positions(batch_sizes: Tensor) -> Tensor:
     return torch.arange(seq_len * batch).view(seq_len, batch)[live]
 
 
-def packed_to_padded(data: Tensor, batch_sizes: Tensor, positions: Tensor) -> Tensor:
+def packed_to_padded(data: Tensor, positions: Tensor, seq_len: int, batch: int) -> Tensor:
     """``[N, F]`` packed data to ``[T, B, F]``, zeros where a row is not live."""
-    seq_len, batch = batch_sizes.numel(), int(batch_sizes[0])
     padded = data.new_zeros(seq_len * batch, data.shape[-1])
     return padded.index_copy(0, positions, data).view(seq_len, batch, data.shape[-1])
 
