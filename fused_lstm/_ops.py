@@ -1,17 +1,23 @@
-"""The native ops, torch.ops.fused_lstm.forward and .backward (csrc/lstm.h has their
-contract): loading them, their fake implementations (torch.compile, torch.export, the
-meta device), the forward's autograd formula, and :func:`run_forward`, which runs the
-forward in the form its caller needs.
+"""The Python side of the native ops, torch.ops.fused_lstm.forward and .backward
+(csrc/lstm.h has their contract): loading them, their fakes (torch.compile, torch.export,
+the meta device), the forward's autograd formula, its derivatives beyond the first, its
+vmap rules, and :func:`run_forward`, which runs the forward in the form its caller needs.
 
-The first derivative is always the fused kernel's; what differentiates it again, and
-forward-mode AD and vmap, are in fused_lstm/_transforms.py.
+The first derivative is always the fused backward op's. Its own derivatives (double
+backward, gradient penalties, nested torch.func transforms) and forward-mode AD are taken
+through the reference loop (fused_lstm.reference), which autograd differentiates to any
+order: slower, never wrong; in the kernels' accumulate dtype. There a missing bias, output
+gradient or tangent becomes the zeros the kernels read it as, and what is computed for it
+is dropped where the results leave (a zero made here never requires grad); w_hr, whose
+absence changes the layer itself, stays optional and comes last, so that leaving it out
+moves no other.
 """
 from __future__ import annotations
 
 import torch
 
 from . import _C  # noqa: F401  (loading it registers torch.ops.fused_lstm.*)
-from . import _transforms
+from . import reference
 
 forward = torch.ops.fused_lstm.forward.default
 backward = torch.ops.fused_lstm.backward.default
@@ -28,13 +34,12 @@ def _forward_fake(input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse,
     torch._check(input.dim() == 3, lambda: f"fused_lstm: expected a 3-D input, got {input.dim()}-D")
     seq_len, batch, _ = input.shape
     hidden4, out_size = w_hh.shape
-    hidden = hidden4 // 4
     acc = accumulate_dtype(input.dtype)
-    saved = (seq_len, batch, hidden4), (seq_len, batch, hidden)
+    saved = (seq_len, batch, hidden4), (seq_len, batch, hidden4 // 4)
     return (
         input.new_empty(seq_len, batch, out_size),
         input.new_empty(batch, out_size),
-        input.new_empty(batch, hidden),
+        input.new_empty(batch, hidden4 // 4),
         *(input.new_empty(shape if save_for_backward else (0,), dtype=acc) for shape in saved),
     )
 
@@ -69,9 +74,10 @@ def _backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
     # Grad mode is on in a backward only under create_graph=True (and torch.func): then the
     # gradients may be differentiated again.
     if torch.is_grad_enabled():
-        grads = list(_transforms.differentiable_backward(
-            grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, bias, w_hr,
-            batch_sizes, ctx.reverse, out, gates, cells))
+        grads_out = _zeros_for_none((grad_output, grad_h_n, grad_c_n), (out, h0, c0))
+        grads = list(_DifferentiableBackward.apply(
+            batch_sizes, ctx.reverse, out, gates, cells, *grads_out,
+            *_layer_params(input, h0, c0, w_ih, w_hh, bias, w_hr)))
     else:
         # Without a gradient of the input (a first layer's data), its GEMM is skipped.
         grads = list(backward(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, w_hr,
@@ -113,27 +119,155 @@ class ForwardFunction(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, *tangents):
         *params, batch_sizes = ctx.saved_tensors
-        acc = accumulate_dtype(params[0].dtype)
-        return (*_transforms.forward_jvp(params, tangents[:7], batch_sizes, ctx.reverse, acc),
-                None, None)
+        primals = _layer_params(*params)
+        layer = _reference_layer(batch_sizes, ctx.reverse, accumulate_dtype(params[0].dtype))
+        return (*_jvp(layer, primals, _zeros_for_none(tangents[:7], primals)), None, None)
 
 
 def run_forward(input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse):
     """The forward op's output, h_n and c_n, run in the form the call needs:
     ForwardFunction under torch.func transforms and forward-mode AD, compiled or not (the
-    op fails or drops the tangents there); the op where it may be differentiated and under tracing (an
-    exporter records it); else with save_for_backward=False, and outside torch.compile
-    below autograd, which would only pass it through (its formula costs microseconds of
-    Python per call: a streaming model calls the op once per frame)."""
+    op fails or drops the tangents there); the op where it may be differentiated and under
+    tracing (an exporter records it); else with save_for_backward=False, and outside
+    torch.compile below autograd, which would only pass it through (its formula costs
+    microseconds of Python per call: a streaming model calls the op once per frame)."""
     args = (input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse)
     if torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0:
-        output, h_n, c_n, _, _ = ForwardFunction.apply(*args)
-    elif torch.jit.is_tracing() or (torch.is_grad_enabled() and any(
+        return ForwardFunction.apply(*args)[:3]
+    if torch.jit.is_tracing() or (torch.is_grad_enabled() and any(
             isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
-        output, h_n, c_n, _, _ = forward(*args)
-    elif torch.compiler.is_compiling():
-        output, h_n, c_n, _, _ = forward(*args, False)
+        return forward(*args)[:3]
+    if torch.compiler.is_compiling():
+        return forward(*args, False)[:3]
+    with torch._C._AutoDispatchBelowAutograd():
+        return forward(*args, False)[:3]
+
+
+def _layer_params(input, h0, c0, w_ih, w_hh, bias, w_hr):
+    """The layer's params as the reference loop is differentiated in: a zero bias for
+    none, w_hr only where there is one."""
+    bias = w_hh.new_zeros(w_hh.shape[0]) if bias is None else bias
+    return (input, h0, c0, w_ih, w_hh, bias) + (() if w_hr is None else (w_hr,))
+
+
+def _zeros_for_none(tensors, like):
+    return tuple(torch.zeros_like(p) if t is None else t for t, p in zip(tensors, like))
+
+
+def _reference_layer(batch_sizes, reverse, acc):
+    """reference.lstm_layer as a function of :func:`_layer_params`, computed in ``acc``
+    and returned in the input's dtype."""
+    def layer(*params):
+        outputs = reference.lstm_layer(*(p.to(acc) for p in params), batch_sizes=batch_sizes,
+                                       reverse=reverse)
+        return tuple(o.to(params[0].dtype) for o in outputs)
+
+    return layer
+
+
+def _jvp(f, primals, tangents):
+    """J·v of f at primals, from two reverse passes: v ↦ J·v is the vector-Jacobian
+    product of the linear map u ↦ Jᵀ·u. (torch.func.jvp would nest a forward-mode level
+    inside torch.autograd.forward_ad's, which torch refuses.)"""
+    outputs, vjp = torch.func.vjp(f, *primals)
+    _, vjp_of_vjp = torch.func.vjp(lambda *u: vjp(u), *(torch.zeros_like(o) for o in outputs))
+    return vjp_of_vjp(tangents)
+
+
+class _DifferentiableBackward(torch.autograd.Function):
+    """The backward op's seven results (its arguments, and bias), differentiable: what the
+    forward's formula returns under create_graph=True and torch.func. Its own derivatives
+    are those of the reference loop's first derivative. Its primals are the three output
+    gradients, then :func:`_layer_params`; ``bias`` is not read by the op (the saved gates
+    hold its effect) but is a primal, so that second derivatives reach it."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(batch_sizes, reverse, output, gates, cells, *primals):
+        w_hr = primals[9] if len(primals) > 9 else None
+        return backward(*primals[:8], w_hr, batch_sizes, reverse, output, gates, cells)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        batch_sizes, ctx.reverse, _, gates, _ = inputs[:5]
+        ctx.save_for_backward(batch_sizes, *inputs[5:])
+        ctx.save_for_forward(batch_sizes, *inputs[5:])
+        ctx.acc = gates.dtype  # the kernels keep the gates in their accumulate dtype
+
+    @staticmethod
+    def backward(ctx, *grad_grads):
+        first_derivative, primals = _first_derivative(ctx)
+        results, vjp = torch.func.vjp(first_derivative, *primals)
+        return (None,) * 5 + vjp(_zeros_for_none(grad_grads, results))
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        first_derivative, primals = _first_derivative(ctx)
+        results = _jvp(first_derivative, primals, _zeros_for_none(tangents[5:], primals))
+        # without w_hr the op returns an empty grad_w_hr
+        return results + (primals[3].new_empty(0),) * (7 - len(results))
+
+
+def _first_derivative(ctx):
+    """The backward op's gradients of :func:`_layer_params` as a function of
+    ``(grad_output, grad_h_n, grad_c_n, *params)`` through the reference loop, and its
+    primals: what _DifferentiableBackward differentiates. Built with torch.func, so it is
+    differentiable again under autograd and inside transforms."""
+    batch_sizes, *primals = ctx.saved_tensors
+    layer = _reference_layer(batch_sizes, ctx.reverse, ctx.acc)
+
+    def first_derivative(grad_output, grad_h_n, grad_c_n, *params):
+        return torch.func.vjp(layer, *params)[1]((grad_output, grad_h_n, grad_c_n))
+
+    return first_derivative, primals
+
+
+def _per_member(op, info, in_dims, args):
+    """Runs ``op`` once per vmapped member and stacks the results: right for any
+    batching, and the rule that keeps weight gradients per member (the kernels sum
+    them over the batch)."""
+    results = [op(*(a if d is None else a.select(d, n) for a, d in zip(args, in_dims)))
+               for n in range(info.batch_size)]
+    return tuple(torch.stack(outputs) for outputs in zip(*results)), (0,) * len(results[0])
+
+
+def _fold(t, in_dim, batch_dim, size):
+    """``t`` with the vmapped members folded into its batch dimension, member-minor:
+    row ``b * size + n`` is row b of member n."""
+    if in_dim is None:
+        t = t.unsqueeze(batch_dim + 1).expand(*t.shape[:batch_dim + 1], size,
+                                              *t.shape[batch_dim + 1:])
     else:
-        with torch._C._AutoDispatchBelowAutograd():
-            output, h_n, c_n, _, _ = forward(*args, False)
-    return output, h_n, c_n
+        t = t.movedim(in_dim, batch_dim + 1)
+    return t.flatten(batch_dim, batch_dim + 1)
+
+
+@torch.library.register_vmap("fused_lstm::forward")
+def _forward_vmap(info, in_dims, input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse,
+                  save_for_backward=True):
+    args = (input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse, save_for_backward)
+    if any(d is not None for d in in_dims[3:]):
+        return _per_member(forward, info, in_dims, args)
+    # Shared weights (per-sample gradients, a batch of independent inputs): one call over
+    # the members' rows side by side. Member-minor order keeps the rows of a packed
+    # batch sorted by length, each step's live rows scaled by the number of members.
+    size = info.batch_size
+    input = _fold(input, in_dims[0], 1, size)
+    h0 = _fold(h0, in_dims[1], 0, size)
+    c0 = _fold(c0, in_dims[2], 0, size)
+    if batch_sizes is not None:
+        batch_sizes = batch_sizes * size
+    output, h_n, c_n, gates, cells = forward(input, h0, c0, w_ih, w_hh, bias, w_hr,
+                                             batch_sizes, reverse, save_for_backward)
+    unfolded = (output.unflatten(1, (-1, size)), h_n.unflatten(0, (-1, size)),
+                c_n.unflatten(0, (-1, size)))
+    if not save_for_backward:  # gates and cells are empty: nothing per member
+        return (*unfolded, gates, cells), (2, 1, 1, None, None)
+    return (*unfolded, gates.unflatten(1, (-1, size)), cells.unflatten(1, (-1, size))), \
+        (2, 1, 1, 2, 2)
+
+
+@torch.library.register_vmap("fused_lstm::backward")
+def _backward_vmap(info, in_dims, *args):
+    return _per_member(backward, info, in_dims, args)
