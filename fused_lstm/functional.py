@@ -13,10 +13,6 @@ from torch import Tensor
 from . import _onnx, _ops
 from .reference import lstm_layer as _reference_layer
 
-# (w_ih, w_hh, b_ih, b_hh, w_hr) of one layer and direction; biases and w_hr may be None.
-LayerWeights = Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]
-
-
 def lstm_layer(
     input: Tensor,
     h0: Tensor,
@@ -73,7 +69,7 @@ def lstm(
     input: Tensor,
     h0: Tensor,
     c0: Tensor,
-    weights: List[LayerWeights],
+    weights: List[Tensor],
     num_layers: int,
     bidirectional: bool = False,
     dropout: float = 0.0,
@@ -86,9 +82,9 @@ def lstm(
 
     ``input`` is ``[T, B, I]`` (``[B, T, I]`` with batch_first) or, with ``batch_sizes``, a
     PackedSequence's data ``[N, I]``; the output ``[*, D * P]`` comes in the same layout.
-    ``h0``/``c0`` are ``[num_layers * D, B, *]`` and ``weights`` holds one
-    :data:`LayerWeights` per layer and direction, in nn.LSTM's order (layer-major,
-    forward before reverse). Dropout applies to the outputs of every layer but the last,
+    ``h0``/``c0`` are ``[num_layers * D, B, *]``; ``weights`` are nn.LSTM's
+    ``_flat_weights``, in its order (layer-major, forward before reverse; per layer w_ih,
+    w_hh, b_ih and b_hh with bias, w_hr with proj_size). Dropout applies to the outputs of every layer but the last,
     in training, drawn as nn.LSTM draws it. Returns ``output``, ``h_n``, ``c_n``. With
     ``reference``, each layer runs the reference loop (eager only) in place of
     :func:`lstm_layer`.
@@ -104,16 +100,20 @@ def lstm(
     directions = 2 if bidirectional else 1
     h_n: List[Tensor] = []
     c_n: List[Tensor] = []
+    per_layer = len(weights) // (num_layers * directions)  # 2 to 5: with bias 4, w_hr odd
     for layer_index in range(num_layers):
         outputs: List[Tensor] = []
         for direction in range(directions):
             k = layer_index * directions + direction
-            w_ih, w_hh, b_ih, b_hh, w_hr = weights[k]
+            w = weights[k * per_layer:(k + 1) * per_layer]
+            b_ih: Optional[Tensor] = w[2] if per_layer >= 4 else None
+            b_hh: Optional[Tensor] = w[3] if per_layer >= 4 else None
+            w_hr: Optional[Tensor] = w[-1] if per_layer % 2 == 1 else None
             if torch.jit.is_scripting() or not reference:
-                out, h, c = lstm_layer(x, h0[k], c0[k], w_ih, w_hh, b_ih, b_hh, w_hr,
+                out, h, c = lstm_layer(x, h0[k], c0[k], w[0], w[1], b_ih, b_hh, w_hr,
                                        batch_sizes, direction == 1)
             else:
-                out, h, c = _reference_layer(x, h0[k], c0[k], w_ih, w_hh, _combined_bias(b_ih, b_hh),
+                out, h, c = _reference_layer(x, h0[k], c0[k], w[0], w[1], _combined_bias(b_ih, b_hh),
                                              w_hr, batch_sizes, direction == 1)
             outputs.append(out)
             h_n.append(h)

@@ -1,7 +1,7 @@
 """FusedLSTM: torch.nn.LSTM's interface and behaviour on the fused kernels."""
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -129,12 +129,11 @@ class FusedLSTM(nn.Module):
         return output, (h_n, c_n)
 
     def _run(
-        self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]],
-        batch_sizes: Optional[Tensor], sorted_indices: Optional[Tensor],
-        unsorted_indices: Optional[Tensor],
+        self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], batch_sizes: Optional[Tensor],
+        sorted_indices: Optional[Tensor], unsorted_indices: Optional[Tensor],
     ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
-        """The checks and the layer stack on the batched tensor or (with batch_sizes) the
-        packed data; returns the output in the same layout."""
+        """The checks and the layers on the batched tensor or (with batch_sizes) the packed
+        data; the output in the same layout."""
         if hx is None:
             h0 = torch.zeros(self.get_expected_hidden_size(input, batch_sizes),
                              dtype=input.dtype, device=input.device)
@@ -148,40 +147,21 @@ class FusedLSTM(nn.Module):
             autocast = torch._C._is_any_autocast_enabled()
         _check_devices_and_dtypes(input, self.weight_ih_l0, (h0, c0), autocast)
         h0, c0 = self.permute_hidden((h0, c0), sorted_indices)
-        dtype: Optional[torch.dtype] = None
-        if not torch.jit.is_scripting():
+        if torch.jit.is_scripting():
+            weights = self._script_weights
+        else:
             steps = input.size(int(self.batch_first)) if batch_sizes is None else batch_sizes.numel()
             _memory.check_forward(input, steps, h0, self.hidden_size)
+            weights = self._flat_weights
             dtype = _autocast_dtype(input)
             if dtype is not None:
-                input, h0, c0 = (t.to(dtype) if _autocast_eligible(t) else t for t in (input, h0, c0))
+                input, h0, c0, *weights = (t.to(dtype) if _autocast_eligible(t) else t
+                                           for t in (input, h0, c0, *weights))
         output, h_n, c_n = functional.lstm(
-            input, h0, c0, self._layer_weights(dtype), self.num_layers, self.bidirectional,
-            self.dropout, self.training, batch_sizes, self.batch_first, self._reference,
+            input, h0, c0, weights, self.num_layers, self.bidirectional, self.dropout,
+            self.training, batch_sizes, self.batch_first, self._reference,
         )
         return output, self.permute_hidden((h_n, c_n), unsorted_indices)
-
-    def _layer_weights(self, dtype: Optional[torch.dtype]) -> List[functional.LayerWeights]:
-        """(w_ih, w_hh, b_ih, b_hh, w_hr) per layer and direction, cast to `dtype` if given.
-        Each layer's are in nn.LSTM's order: w_ih, w_hh, then b_ih, b_hh with bias, then w_hr
-        with a projection."""
-        if torch.jit.is_scripting():
-            flat = self._script_weights
-        else:
-            flat = [w.to(dtype) if dtype is not None and _autocast_eligible(w) else w
-                    for w in self._flat_weights]
-        per_layer = len(self._all_weights[0])
-        weights: List[functional.LayerWeights] = []
-        for k in range(0, len(flat), per_layer):
-            b_ih: Optional[Tensor] = None
-            b_hh: Optional[Tensor] = None
-            w_hr: Optional[Tensor] = None
-            if self.bias:
-                b_ih, b_hh = flat[k + 2], flat[k + 3]
-            if self.proj_size > 0:
-                w_hr = flat[k + per_layer - 1]
-            weights.append((flat[k], flat[k + 1], b_ih, b_hh, w_hr))
-        return weights
 
 
 def convert(cls, lstm: nn.Module):
