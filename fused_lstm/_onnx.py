@@ -17,10 +17,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# Dtypes the ONNX LSTM operator is defined for.
-ONNX_LSTM_DTYPES = (torch.float32, torch.float64, torch.float16)
-
-
 def _to_iofc(weight: Tensor) -> Tensor:
     """nn.LSTM's gate blocks [i | f | g | o] (rows) in ONNX's order [i | o | f | c], with
     the leading directions axis of ONNX's W, R and B. Slices, not chunk: the exporter's
@@ -34,19 +30,13 @@ def expressible(input: Tensor, w_hr: Tensor | None, batch_sizes: Tensor | None) 
     """Whether ONNX's LSTM operator computes this layer. Packed input is left to the
     reference loop: neither exporter gets a PackedSequence this far (data-dependent
     shapes under torch.export; pack/pad pairs only around aten::lstm under TorchScript)."""
-    return w_hr is None and batch_sizes is None and input.dtype in ONNX_LSTM_DTYPES
+    onnx_dtypes = (torch.float32, torch.float64, torch.float16)  # those ONNX's LSTM is defined for
+    return w_hr is None and batch_sizes is None and input.dtype in onnx_dtypes
 
 
-def onnx_lstm_node(
-    input: Tensor,
-    h0: Tensor,
-    c0: Tensor,
-    w_ih: Tensor,
-    w_hh: Tensor,
-    b_ih: Tensor | None,
-    b_hh: Tensor | None,
-    reverse: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+def onnx_lstm_node(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
+                   b_ih: Tensor | None, b_hh: Tensor | None, reverse: bool
+                   ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`fused_lstm.functional.lstm_layer` as one ONNX LSTM node (see
     :func:`expressible` for when it can be)."""
     seq_len, batch = input.shape[0], input.shape[1]
@@ -71,38 +61,33 @@ def _torchscript_symbolic(g, input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes,
     what :func:`expressible` accepts here (no w_hr, no batch_sizes). gates and cells, the
     op's state saved for backward, have no ONNX counterpart: an exported graph never uses
     them."""
-    from torch.onnx import symbolic_helper, symbolic_opset9
+    from torch.onnx.symbolic_helper import _squeeze_helper, _unsqueeze_helper
+    from torch.onnx.symbolic_opset9 import unused
 
     hidden_size = w_hh.type().sizes()[1]
     order = [torch.arange(k * hidden_size, (k + 1) * hidden_size) for k in (0, 3, 1, 2)]
     order = g.op("Constant", value_t=torch.cat(order))
 
     def to_iofc(weight):
-        return symbolic_helper._unsqueeze_helper(g, g.op("Gather", weight, order, axis_i=0), [0])
+        return _unsqueeze_helper(g, g.op("Gather", weight, order, axis_i=0), [0])
 
-    onnx_bias = symbolic_opset9.unused(g)
+    onnx_bias = unused(g)
     if not bias.node().mustBeNone():
         wb = to_iofc(bias)
         zero = torch.zeros(1, dtype=bias.type().dtype())
         onnx_bias = g.op("Concat", wb, g.op("ConstantOfShape", g.op("Shape", wb), value_t=zero),
                          axis_i=1)
     y, y_h, y_c = g.op(
-        "LSTM", input, to_iofc(w_ih), to_iofc(w_hh), onnx_bias, symbolic_opset9.unused(g),
-        symbolic_helper._unsqueeze_helper(g, h0, [0]),
-        symbolic_helper._unsqueeze_helper(g, c0, [0]),
+        "LSTM", input, to_iofc(w_ih), to_iofc(w_hh), onnx_bias, unused(g),
+        _unsqueeze_helper(g, h0, [0]), _unsqueeze_helper(g, c0, [0]),
         hidden_size_i=hidden_size, direction_s="reverse" if reverse else "forward", outputs=3,
     )
-    squeeze = symbolic_helper._squeeze_helper
-    return squeeze(g, y, [1]), squeeze(g, y_h, [0]), squeeze(g, y_c, [0]), None, None
+    return (_squeeze_helper(g, y, [1]), _squeeze_helper(g, y_h, [0]),
+            _squeeze_helper(g, y_c, [0]), None, None)
 
 
-def register_torchscript_symbolic() -> None:
-    """Registers :func:`_torchscript_symbolic` where the TorchScript exporter still exists."""
-    from torch.onnx import symbolic_helper
+if hasattr(torch.onnx, "register_custom_op_symbolic"):  # where the TorchScript exporter is
+    from torch.onnx.symbolic_helper import parse_args
 
-    parse = symbolic_helper.parse_args("v", "v", "v", "v", "v", "v", "v", "v", "b", "b")
-    torch.onnx.register_custom_op_symbolic("fused_lstm::forward", parse(_torchscript_symbolic), 7)
-
-
-if hasattr(torch.onnx, "register_custom_op_symbolic"):
-    register_torchscript_symbolic()
+    torch.onnx.register_custom_op_symbolic(
+        "fused_lstm::forward", parse_args(*"vvvvvvvvbb")(_torchscript_symbolic), 7)

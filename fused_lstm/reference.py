@@ -1,10 +1,7 @@
 """The textbook LSTM: the seed's Python time-step loop (d2l's `lstm`, one matrix product
-per gate and operand), on nn.LSTM's weight layout.
-
-This is the oracle the fused kernels are tested against, the slow baseline of the
-benchmark, and the differentiable formula used when a backward must itself be
-differentiated (double backward). It is plain torch code, so it runs on any device and
-dtype and autograd differentiates it to any order.
+per gate and operand), on nn.LSTM's weight layout: the oracle of the tests, the slow
+baseline of the benchmark, and the formula higher derivatives are taken through (plain
+torch: any device and dtype, differentiable to any order).
 """
 from __future__ import annotations
 
@@ -23,22 +20,8 @@ def lstm_layer(
     batch_sizes: Tensor | None = None,
     reverse: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One layer in one direction, with the semantics of the fused op.
-
-    Args:
-        input: ``[T, B, I]``, time-major.
-        h0: ``[B, P]``; c0: ``[B, H]``.
-        w_ih: ``[4H, I]``; w_hh: ``[4H, P]``, rows in nn.LSTM's gate order i, f, g, o.
-        bias: ``[4H]`` (``b_ih + b_hh``) or None.
-        w_hr: ``[P, H]``, the projection of ``proj_size`` models, or None (then P = H).
-        batch_sizes: ``[T]`` int64, a PackedSequence's: row b is live at step t only
-            while ``b < batch_sizes[t]``; a row that is not live keeps its state and
-            outputs zeros.
-        reverse: run from the last step to the first.
-
-    Returns:
-        ``output [T, B, P]``, ``h_n [B, P]``, ``c_n [B, H]``.
-    """
+    """One layer in one direction, with the fused op's semantics: the arguments and results
+    of :func:`fused_lstm.functional.lstm_layer`, with one ``bias`` (``b_ih + b_hh``) or None."""
     seq_len, batch = input.shape[0], input.shape[1]
     params = gate_parameters(w_ih, w_hh, bias)
     H, C = h0, c0

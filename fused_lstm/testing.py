@@ -39,6 +39,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from .modules import convert
+
 SLACK = 2.0
 ROUNDING = 2.0
 # Half a unit in the last place of float32 at 1: the kernels (ours and nn.LSTM's) compute
@@ -126,10 +128,7 @@ def compare_with_nn_lstm(module: nn.Module, input: Tensor | PackedSequence,
     if module.training and module.dropout > 0 and module.num_layers > 1:
         raise ValueError("dropout draws random numbers: compare in eval mode or with dropout=0")
     weight = module.weight_ih_l0
-    lstm = nn.LSTM(module.input_size, module.hidden_size, module.num_layers, module.bias,
-                   module.batch_first, module.dropout, module.bidirectional, module.proj_size,
-                   device=weight.device, dtype=weight.dtype).train(module.training)
-    lstm.load_state_dict(module.state_dict())
+    lstm = convert(nn.LSTM, module)
     exact = copy.deepcopy(lstm).double()
     data = input.data if isinstance(input, PackedSequence) else input
     # rounded to the dtype first, so that the float64 run sees the same values
