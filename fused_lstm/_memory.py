@@ -10,19 +10,20 @@ from torch import Tensor
 from . import _ops
 
 
-def check_forward(input: Tensor, steps: int, h0: Tensor, hidden_size: int) -> None:
-    """The outputs and the state kept for backward of a forward of ``steps`` steps from
-    ``h0 [layers * directions, B, P]``."""
+def check_forward(input: Tensor, batch_sizes: Tensor | None, batch_first: bool, h0: Tensor,
+                  hidden_size: int) -> None:
+    """The outputs and the state kept for backward of a forward over ``input`` (with
+    batch_sizes, a PackedSequence's data) from ``h0 [layers * directions, B, P]``."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return
+    steps = input.size(int(batch_first)) if batch_sizes is None else batch_sizes.size(0)
     layers, batch, out_size = h0.shape
     acc = _ops.accumulate_dtype(input.dtype).itemsize
     # Per layer and direction: output [T, B, P]; gates [T, B, 4H] and cells [T, B, H]
     # in the accumulate dtype.
     needed = layers * steps * batch * (out_size * input.element_size() + 5 * hidden_size * acc)
-    check_fits(needed, input.device,
-               f"the outputs and the state kept for backward of {steps} steps x "
-               f"{batch} sequences")
+    check_fits(needed, input.device, "the outputs and the state kept for backward of "
+               f"{steps} steps x {batch} sequences")
 
 
 def check_fits(needed: int, device: torch.device, what: str) -> None:
@@ -54,9 +55,8 @@ def _host_memory() -> int | None:
         return None
     try:
         with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("SwapTotal:"):
-                    total += int(line.split()[1]) * 1024
+            total += sum(int(line.split()[1]) * 1024 for line in meminfo
+                         if line.startswith("SwapTotal:"))
     except OSError:
         pass
     return total

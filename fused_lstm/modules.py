@@ -31,19 +31,9 @@ class FusedLSTM(nn.Module):
     # Whether each layer runs the reference loop (eager only) in place of the fused op.
     _reference = False
 
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        num_layers: int = 1,
-        bias: bool = True,
-        batch_first: bool = False,
-        dropout: float = 0.0,
-        bidirectional: bool = False,
-        proj_size: int = 0,
-        device=None,
-        dtype=None,
-    ) -> None:
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 proj_size: int = 0, device=None, dtype=None) -> None:
         super().__init__()
         # nn.LSTM's checks, warning, attributes and parameter layout, from one on the meta
         # device, which allocates nothing: the parameters' size is checked first.
@@ -51,24 +41,19 @@ class FusedLSTM(nn.Module):
                        bidirectional, proj_size, device="meta", dtype=dtype)
         for name in nn.RNNBase.__constants__ + ["_flat_weights_names", "_all_weights"]:
             setattr(self, name, getattr(lstm, name))
-        _memory.check_fits(
-            sum(p.nbytes for p in lstm.parameters()),
-            torch.device(device) if device is not None else torch.get_default_device(),
-            "the parameters",
-        )
+        where = torch.device(device) if device is not None else torch.get_default_device()
+        _memory.check_fits(sum(p.nbytes for p in lstm.parameters()), where, "the parameters")
         for name, p in lstm.named_parameters():
             setattr(self, name, nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device)))
         self.reset_parameters()
 
     @classmethod
     def from_lstm(cls, lstm: nn.LSTM) -> FusedLSTM:
-        """A FusedLSTM with the configuration, device, dtype, parameters and training
-        mode of ``lstm`` (copied, not shared)."""
+        """A copy of ``lstm``: its configuration, device, dtype, parameters and training mode."""
         return convert(cls, lstm)
 
     def __prepare_scriptable__(self) -> nn.Module:
-        """torch.jit.script compiles this module's own forward (tensor input, not
-        PackedSequence), which reads the parameters as one list, in nn.LSTM's order."""
+        """torch.jit.script compiles forward (tensor input) on the parameters as one list."""
         self._script_weights = self._flat_weights
         return self
 
@@ -94,15 +79,13 @@ class FusedLSTM(nn.Module):
     def forward(
         self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None
     ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
-        """nn.LSTM's forward, checks in its order (see nn.LSTM for the arguments). One path
-        for eager mode and TorchScript; PackedSequence input, autocast and the memory check
-        are eager only."""
+        """nn.LSTM's forward, checks in its order. One path for eager mode and TorchScript;
+        PackedSequence input, autocast and the memory check are eager only."""
         if not torch.jit.is_scripting():
             if isinstance(input, PackedSequence):
                 data, batch_sizes, sorted_indices, unsorted_indices = input
                 _check_batch_sizes(batch_sizes, data)
-                if hx is not None:
-                    _check_two_states(hx)
+                _check_two_states(hx)
                 output, hidden = self._run(data, hx, batch_sizes, sorted_indices, unsorted_indices)
                 return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices), hidden
         if input.dim() != 2 and input.dim() != 3:
@@ -115,10 +98,8 @@ class FusedLSTM(nn.Module):
             expected = 3 if batched else 2
             if hx[0].dim() != expected or hx[1].dim() != expected:
                 kind = "batched 3-D" if batched else "unbatched 2-D"
-                raise RuntimeError(
-                    f"For {kind} input, hx and cx should also be {expected}-D but got "
-                    f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
-                )
+                raise RuntimeError(f"For {kind} input, hx and cx should also be {expected}-D but "
+                                   f"got ({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
             if not torch.jit.is_scripting():
                 _check_two_states(hx)
             if not batched:
@@ -135,28 +116,24 @@ class FusedLSTM(nn.Module):
         """The checks and the layers on the batched tensor or (with batch_sizes) the packed
         data; the output in the same layout."""
         if hx is None:
-            h0 = torch.zeros(self.get_expected_hidden_size(input, batch_sizes),
-                             dtype=input.dtype, device=input.device)
-            c0 = torch.zeros(self.get_expected_cell_size(input, batch_sizes),
-                             dtype=input.dtype, device=input.device)
+            h0 = input.new_zeros(self.get_expected_hidden_size(input, batch_sizes))
+            c0 = input.new_zeros(self.get_expected_cell_size(input, batch_sizes))
         else:
             h0, c0 = hx[0], hx[1]
         self.check_forward_args(input, (h0, c0), batch_sizes)
-        autocast = False
-        if not torch.jit.is_scripting():
-            autocast = torch._C._is_any_autocast_enabled()
-        _check_devices_and_dtypes(input, self.weight_ih_l0, (h0, c0), autocast)
-        h0, c0 = self.permute_hidden((h0, c0), sorted_indices)
         if torch.jit.is_scripting():
+            _check_devices_and_dtypes(input, self.weight_ih_l0, h0, c0, False)
             weights = self._script_weights
         else:
-            steps = input.size(int(self.batch_first)) if batch_sizes is None else batch_sizes.numel()
-            _memory.check_forward(input, steps, h0, self.hidden_size)
+            _check_devices_and_dtypes(input, self.weight_ih_l0, h0, c0,
+                                      torch._C._is_any_autocast_enabled())
+            _memory.check_forward(input, batch_sizes, self.batch_first, h0, self.hidden_size)
             weights = self._flat_weights
             dtype = _autocast_dtype(input)
             if dtype is not None:
                 input, h0, c0, *weights = (t.to(dtype) if _autocast_eligible(t) else t
                                            for t in (input, h0, c0, *weights))
+        h0, c0 = self.permute_hidden((h0, c0), sorted_indices)
         output, h_n, c_n = functional.lstm(
             input, h0, c0, weights, self.num_layers, self.bidirectional, self.dropout,
             self.training, batch_sizes, self.batch_first, self._reference,
@@ -176,27 +153,20 @@ def convert(cls, lstm: nn.Module):
     return converted.train(lstm.training)
 
 
-def _check_devices_and_dtypes(
-    input: Tensor, weight: Tensor, hidden: Tuple[Tensor, Tensor], autocast: bool
-) -> None:
+def _check_devices_and_dtypes(input: Tensor, weight: Tensor, h0: Tensor, c0: Tensor,
+                              autocast: bool) -> None:
     """The checks nn.LSTM's kernel makes after check_forward_args (its messages for the
     devices)."""
     if input.device != weight.device:
-        raise RuntimeError(
-            "Input and parameter tensors are not at the same device, found input tensor "
-            f"at {input.device} and parameter tensor at {weight.device}"
-        )
-    for k in range(2):
-        state = hidden[k]
+        raise RuntimeError("Input and parameter tensors are not at the same device, found input "
+                           f"tensor at {input.device} and parameter tensor at {weight.device}")
+    for k, state in enumerate((h0, c0)):
         if state.device != input.device:
-            raise RuntimeError(
-                "Input and hidden tensors are not at the same device, found input tensor "
-                f"at {input.device} and hidden tensor at {state.device}"
-            )
+            raise RuntimeError("Input and hidden tensors are not at the same device, found input "
+                               f"tensor at {input.device} and hidden tensor at {state.device}")
         if state.dtype != input.dtype and not autocast:
             raise RuntimeError(
-                f"Expected hidden[{k}] dtype {input.dtype} (the input's), got {state.dtype}"
-            )
+                f"Expected hidden[{k}] dtype {input.dtype} (the input's), got {state.dtype}")
 
 
 def _check_batch_sizes(batch_sizes: Tensor, data: Tensor) -> None:
@@ -227,7 +197,7 @@ def _check_batch_sizes(batch_sizes: Tensor, data: Tensor) -> None:
 
 
 def _check_two_states(hx) -> None:
-    if isinstance(hx, Tensor) or len(hx) != 2:
+    if hx is not None and (isinstance(hx, Tensor) or len(hx) != 2):
         raise RuntimeError("lstm expects two hidden states")
 
 
@@ -255,9 +225,9 @@ class ReferenceLSTM(FusedLSTM):
 
 
 # A whole saved model (torch.save(model)) loads with torch.load's default weights_only=True
-# when the user trusts only their own classes, as it does with nn.LSTM inside. Registered
-# under their qualified names: the (class, name) entries stay when a user's
-# safe_globals([FusedLSTM, ...]) context removes the plain class on exit.
+# when the user trusts only their own classes, as with nn.LSTM inside. Registered under
+# their qualified names: those entries stay when a user's safe_globals([FusedLSTM, ...])
+# context removes the plain class on exit.
 torch.serialization.add_safe_globals(
     [(cls, f"{cls.__module__}.{cls.__qualname__}") for cls in (FusedLSTM, ReferenceLSTM)]
 )
