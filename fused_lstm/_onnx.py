@@ -1,13 +1,11 @@
-"""The ONNX translation of one fused layer: ONNX's own LSTM operator.
-
-Each layer and direction becomes one ``LSTM`` node, so that a plain
-``torch.onnx.export(model, args, path)`` needs no translation table from the user: under
-the default exporter (torch.export) through ``torch.onnx.ops.symbolic_multi_out`` in
-:func:`lstm_layer`; under the TorchScript exporter (``dynamo=False``, deprecated) through
-the symbolic of ``fused_lstm::forward`` registered on import. What ONNX's LSTM cannot
-express (the projection of ``proj_size`` models, bfloat16) is exported as the reference
-loop of basic operators instead, unrolled over the steps: such a file has a fixed
-sequence length (its batch may still be dynamic).
+"""The ONNX translation of one fused layer: ONNX's own LSTM operator, one node a layer and
+direction, so that a plain ``torch.onnx.export(model, args, path)`` needs no translation
+table from the user: under the default exporter (torch.export) through
+``torch.onnx.ops.symbolic_multi_out`` in :func:`lstm_layer`; under the TorchScript exporter
+(``dynamo=False``, deprecated) through the symbolic of ``fused_lstm::forward`` registered on
+import. What ONNX's LSTM cannot express (the projection of ``proj_size`` models, bfloat16)
+is exported as the reference loop of basic operators, unrolled over the steps: such a file
+has a fixed sequence length (its batch may still be dynamic).
 
 ONNX's gate order is i, o, f, c where nn.LSTM's is i, f, g, o; its bias is
 ``[Wb | Rb]`` (b_ih then b_hh); its states carry a leading directions axis.

@@ -1,16 +1,13 @@
 """The Python side of the native ops, torch.ops.fused_lstm.forward and .backward
 (csrc/lstm.h has their contract): loading them, their fakes (torch.compile, torch.export,
-the meta device), the forward's autograd formula, its derivatives beyond the first, its
-vmap rules, and :func:`run_forward`, which runs the forward in the form its caller needs.
+the meta device), the autograd formula, vmap rules, and :func:`run_forward`.
 
 The first derivative is always the fused backward op's. Its own derivatives (double
-backward, gradient penalties, nested torch.func transforms) and forward-mode AD are taken
-through the reference loop (fused_lstm.reference), which autograd differentiates to any
-order: slower, never wrong; in the kernels' accumulate dtype. There a missing bias, output
-gradient or tangent becomes the zeros the kernels read it as, and what is computed for it
-is dropped where the results leave (a zero made here never requires grad); w_hr, whose
-absence changes the layer itself, stays optional and comes last, so that leaving it out
-moves no other.
+backward, nested torch.func transforms) and forward-mode AD are taken through the
+reference loop, which autograd differentiates to any order (slower, never wrong), in the
+kernels' accumulate dtype. There an absent bias, output gradient or tangent is the zeros
+the kernels read it as (made here, never requiring grad); w_hr, whose absence changes the
+layer, stays optional and comes last, so that leaving it out moves no other.
 """
 from __future__ import annotations
 
@@ -144,8 +141,7 @@ def run_forward(input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes, reverse):
 
 
 def _layer_params(input, h0, c0, w_ih, w_hh, bias, w_hr):
-    """The layer's params as the reference loop is differentiated in: a zero bias for
-    none, w_hr only where there is one."""
+    """The params the reference loop is differentiated in: a zero bias for none, w_hr if any."""
     bias = w_hh.new_zeros(w_hh.shape[0]) if bias is None else bias
     return (input, h0, c0, w_ih, w_hh, bias) + (() if w_hr is None else (w_hr,))
 
@@ -155,8 +151,7 @@ def _zeros_for_none(tensors, like):
 
 
 def _reference_layer(batch_sizes, reverse, acc):
-    """reference.lstm_layer as a function of :func:`_layer_params`, computed in ``acc``
-    and returned in the input's dtype."""
+    """reference.lstm_layer of :func:`_layer_params`, computed in ``acc``, in the input's dtype."""
     def layer(*params):
         outputs = reference.lstm_layer(*(p.to(acc) for p in params), batch_sizes=batch_sizes,
                                        reverse=reverse)
@@ -210,10 +205,9 @@ class _DifferentiableBackward(torch.autograd.Function):
 
 
 def _first_derivative(ctx):
-    """The backward op's gradients of :func:`_layer_params` as a function of
-    ``(grad_output, grad_h_n, grad_c_n, *params)`` through the reference loop, and its
-    primals: what _DifferentiableBackward differentiates. Built with torch.func, so it is
-    differentiable again under autograd and inside transforms."""
+    """What _DifferentiableBackward differentiates, and its primals: the backward op's
+    results as a function of ``(grad_output, grad_h_n, grad_c_n, *params)`` through the
+    reference loop, with torch.func (differentiable again, also inside transforms)."""
     batch_sizes, *primals = ctx.saved_tensors
     layer = _reference_layer(batch_sizes, ctx.reverse, ctx.acc)
 
@@ -224,9 +218,8 @@ def _first_derivative(ctx):
 
 
 def _per_member(op, info, in_dims, args):
-    """Runs ``op`` once per vmapped member and stacks the results: right for any
-    batching, and the rule that keeps weight gradients per member (the kernels sum
-    them over the batch)."""
+    """``op`` once per vmapped member, stacked: right for any batching, and the rule that keeps
+    weight gradients per member (the kernels sum them over the batch)."""
     results = [op(*(a if d is None else a.select(d, n) for a, d in zip(args, in_dims)))
                for n in range(info.batch_size)]
     return tuple(torch.stack(outputs) for outputs in zip(*results)), (0,) * len(results[0])

@@ -78,16 +78,13 @@ def lstm(
     batch_first: bool = False,
     reference: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """A stack of LSTM layers, as nn.LSTM's kernel computes it after its checks.
-
-    ``input`` is ``[T, B, I]`` (``[B, T, I]`` with batch_first) or, with ``batch_sizes``, a
-    PackedSequence's data ``[N, I]``; the output ``[*, D * P]`` comes in the same layout.
-    ``h0``/``c0`` are ``[num_layers * D, B, *]``; ``weights`` are nn.LSTM's
-    ``_flat_weights``, in its order (layer-major, forward before reverse; per layer w_ih,
-    w_hh, b_ih and b_hh with bias, w_hr with proj_size). Dropout applies to the outputs of every layer but the last,
-    in training, drawn as nn.LSTM draws it. Returns ``output``, ``h_n``, ``c_n``. With
-    ``reference``, each layer runs the reference loop (eager only) in place of
-    :func:`lstm_layer`.
+    """A stack of LSTM layers: nn.LSTM's computation after its checks, on its
+    ``_flat_weights`` (layer-major, forward before reverse; per layer w_ih, w_hh, then b_ih
+    and b_hh with bias, then w_hr with proj_size). ``input`` is ``[T, B, I]`` (``[B, T, I]``
+    with batch_first) or, with batch_sizes, a PackedSequence's data ``[N, I]``; ``h0``/``c0``
+    are ``[num_layers * D, B, *]``. Returns ``output`` (``[*, D * P]``, in the input's
+    layout), ``h_n`` and ``c_n``. Dropout is drawn as nn.LSTM draws it. With ``reference``,
+    each layer runs the reference loop (eager only) in place of :func:`lstm_layer`.
     """
     positions: Optional[Tensor] = None
     if batch_sizes is not None:
@@ -103,18 +100,18 @@ def lstm(
     per_layer = len(weights) // (num_layers * directions)  # 2 to 5: with bias 4, w_hr odd
     for layer_index in range(num_layers):
         outputs: List[Tensor] = []
-        for direction in range(directions):
-            k = layer_index * directions + direction
+        for k in range(layer_index * directions, (layer_index + 1) * directions):
+            reverse = k % directions == 1
             w = weights[k * per_layer:(k + 1) * per_layer]
             b_ih: Optional[Tensor] = w[2] if per_layer >= 4 else None
             b_hh: Optional[Tensor] = w[3] if per_layer >= 4 else None
             w_hr: Optional[Tensor] = w[-1] if per_layer % 2 == 1 else None
             if torch.jit.is_scripting() or not reference:
                 out, h, c = lstm_layer(x, h0[k], c0[k], w[0], w[1], b_ih, b_hh, w_hr,
-                                       batch_sizes, direction == 1)
+                                       batch_sizes, reverse)
             else:
-                out, h, c = _reference_layer(x, h0[k], c0[k], w[0], w[1], _combined_bias(b_ih, b_hh),
-                                             w_hr, batch_sizes, direction == 1)
+                out, h, c = _reference_layer(x, h0[k], c0[k], w[0], w[1],
+                                             _combined_bias(b_ih, b_hh), w_hr, batch_sizes, reverse)
             outputs.append(out)
             h_n.append(h)
             c_n.append(c)

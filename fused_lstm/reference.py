@@ -9,17 +9,10 @@ import torch
 from torch import Tensor
 
 
-def lstm_layer(
-    input: Tensor,
-    h0: Tensor,
-    c0: Tensor,
-    w_ih: Tensor,
-    w_hh: Tensor,
-    bias: Tensor | None = None,
-    w_hr: Tensor | None = None,
-    batch_sizes: Tensor | None = None,
-    reverse: bool = False,
-) -> tuple[Tensor, Tensor, Tensor]:
+def lstm_layer(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
+               bias: Tensor | None = None, w_hr: Tensor | None = None,
+               batch_sizes: Tensor | None = None, reverse: bool = False
+               ) -> tuple[Tensor, Tensor, Tensor]:
     """One layer in one direction, with the fused op's semantics: the arguments and results
     of :func:`fused_lstm.functional.lstm_layer`, with one ``bias`` (``b_ih + b_hh``) or None."""
     seq_len, batch = input.shape[0], input.shape[1]

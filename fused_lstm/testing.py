@@ -17,12 +17,11 @@ The rule, for every output and every gradient, at the dtype both implementations
   impossible where nn.LSTM happens to be almost exact; in bfloat16 and float16 its float32
   part is negligible.
 
-SLACK = 2 and ROUNDING = 2 (fused_lstm.testing.SLACK, .ROUNDING). There is no fixed floor:
-in bfloat16 the rounding term is about 4e-3 on values of size 1, and 2 x nn.LSTM's error on
-the CPU about 1e-2, so an output that is 2% off fails (a floor of
-4 x eps, 0.031 in bfloat16, let it through). The rule is for float32, bfloat16 and
-float16: float64 has no more precise run to compare with (the tests compare float64 runs
-with nn.LSTM's directly, to 1e-10).
+SLACK = 2 and ROUNDING = 2 (fused_lstm.testing.SLACK, .ROUNDING), with no fixed floor: in
+bfloat16 the rounding term is about 4e-3 on values of size 1, 2 x nn.LSTM's error on the CPU
+about 1e-2, so an output 2% off fails (a floor of 4 x eps, 0.031, let it through). The rule
+is for float32, bfloat16 and float16: float64 has no more precise run to compare with (the
+tests compare float64 runs with nn.LSTM's directly, to 1e-10).
 
     from fused_lstm.testing import compare_with_nn_lstm
     report = compare_with_nn_lstm(FusedLSTM(64, 128).bfloat16(), torch.randn(50, 8, 64).bfloat16())
@@ -43,8 +42,6 @@ from .modules import convert
 
 SLACK = 2.0
 ROUNDING = 2.0
-# Half a unit in the last place of float32 at 1: the kernels (ours and nn.LSTM's) compute
-# in float32, and round the gates (values in [0, 1]) at every step.
 FLOAT32_UNIT = torch.finfo(torch.float32).eps / 2
 
 
