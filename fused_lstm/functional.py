@@ -13,6 +13,7 @@ from torch import Tensor
 from . import _onnx, _ops
 from .reference import lstm_layer as _reference_layer
 
+
 def lstm_layer(
     input: Tensor,
     h0: Tensor,

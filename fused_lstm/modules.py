@@ -62,7 +62,10 @@ class FusedLSTM(nn.Module):
 
     @property
     def _flat_weights(self) -> list[Tensor]:
-        return [getattr(self, name) for name in self._flat_weights_names]
+        # From _parameters: nn.Module.__getattr__ costs 0.5 us a parameter, and forward reads
+        # them twice (check_input). A parametrized weight is not there: its attribute computes it.
+        params = self._parameters
+        return [params[n] if n in params else getattr(self, n) for n in self._flat_weights_names]
 
     # nn.LSTM's own (its names, signatures and messages; code written for nn.LSTM may
     # call them), compiled by TorchScript as ours.
