@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional
-from .modules import _autocast_eligible
+from .modules import _autocast_dtype, _autocast_eligible
 
 
 class FusedLSTMCell(nn.RNNCellBase):
@@ -85,9 +85,10 @@ class FusedLSTMCell(nn.RNNCellBase):
                 or c_0.size(1) != hidden_size):
             self._size_error(input, h_0, c_0)
         if torch.jit.is_scripting():
-            h_1, c_1 = self._scripted_step(input, h_0, c_0)
+            w_ih, w_hh, b_ih, b_hh = self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
         else:
-            h_1, c_1 = self._step(input, h_0, c_0)
+            input, h_0, c_0, w_ih, w_hh, b_ih, b_hh = self._eager_operands(input, h_0, c_0)
+        _, h_1, c_1 = functional.lstm_layer(input.unsqueeze(0), h_0, c_0, w_ih, w_hh, b_ih, b_hh)
         if dim == 1:
             return h_1.squeeze(0), c_1.squeeze(0)
         return h_1, c_1
@@ -114,13 +115,11 @@ class FusedLSTMCell(nn.RNNCellBase):
                                    f"{state.size(1)}, expected {self.hidden_size}")
 
     @torch.jit.unused
-    def _step(self, input: Tensor, h_0: Tensor, c_0: Tensor) -> Tuple[Tensor, Tensor]:
-        """One step in eager mode, under torch.compile and export: functional.lstm_layer
-        on a sequence of one step (it also picks the op's form for torch.func and the ONNX
-        translation under export); under autocast, in its dtype, as FusedLSTM."""
-        # Read from _parameters: nn.Module.__getattr__ costs 0.5 µs a parameter, a tenth of
-        # a small step. A parametrized (or weight-normed) weight is not there: its own
-        # attribute computes it.
+    def _eager_operands(self, input: Tensor, h_0: Tensor, c_0: Tensor):
+        """The step's operands in eager mode, under torch.compile and export: the weights
+        (from _parameters: nn.Module.__getattr__ costs 0.5 us a parameter, a tenth of a
+        small step; a parametrized weight is not there, its attribute computes it), and
+        under autocast everything in its dtype, as FusedLSTM."""
         params = self._parameters
         try:
             w_ih, w_hh = params["weight_ih"], params["weight_hh"]
@@ -131,23 +130,12 @@ class FusedLSTMCell(nn.RNNCellBase):
         # for the meta device: a meta tensor sends it to its fake, which checks none.
         if input.is_meta or h_0.is_meta or c_0.is_meta or w_ih.is_meta:
             _check_devices(input, h_0, c_0, w_ih)
-        if torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(input.device.type):
-            dtype = torch.get_autocast_dtype(input.device.type)
-            input, h_0, c_0, w_ih, w_hh, b_ih, b_hh = (
-                t if t is None or not _autocast_eligible(t) else t.to(dtype)
-                for t in (input, h_0, c_0, w_ih, w_hh, b_ih, b_hh))
-        _, h_1, c_1 = functional.lstm_layer(input[None], h_0, c_0, w_ih, w_hh, b_ih, b_hh)
-        return h_1, c_1
-
-    def _scripted_step(self, input: Tensor, h_0: Tensor, c_0: Tensor) -> Tuple[Tensor, Tensor]:
-        """One step as TorchScript compiles it: the op itself."""
-        bias: Optional[Tensor] = None
-        b_ih, b_hh = self.bias_ih, self.bias_hh
-        if b_ih is not None and b_hh is not None:
-            bias = b_ih + b_hh
-        _, h_1, c_1, _, _ = torch.ops.fused_lstm.forward(
-            input.unsqueeze(0), h_0, c_0, self.weight_ih, self.weight_hh, bias, None, None, False)
-        return h_1, c_1
+        operands = (input, h_0, c_0, w_ih, w_hh, b_ih, b_hh)
+        dtype = _autocast_dtype(input)
+        if dtype is None:
+            return operands
+        return tuple(t if t is None or not _autocast_eligible(t) else t.to(dtype)
+                     for t in operands)
 
 
 def _refuse_state(hx) -> None:

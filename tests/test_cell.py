@@ -530,9 +530,9 @@ def test_benchmark_runs_and_stops_on_a_wrong_cell(monkeypatch, capsys):
         assert "torch capability" in table and "threads" in table
         assert "| 2 | 4 | inference |" in table and "| 2 | 4 | training step |" in table
         assert all(row["fused_ms"] > 0 and row["fused_max_error"] < 1e-5 for row in rows)
-        step = FusedLSTMCell._step
-        monkeypatch.setattr(FusedLSTMCell, "_step",
-                            lambda self, x, h, c: [t * 1.001 for t in step(self, x, h, c)])
+        forward = FusedLSTMCell.forward
+        monkeypatch.setattr(FusedLSTMCell, "forward",
+                            lambda self, x, hx=None: tuple(t * 1.001 for t in forward(self, x, hx)))
         with pytest.raises(SystemExit, match="FusedLSTMCell is wrong"):
             bench.main(tiny + ["--mode", "fwd"])
     finally:
