@@ -1,4 +1,4 @@
-// Argument checks shared by the CPU and CUDA implementations of the op.
+// Argument checks and dtype handling shared by the CPU and CUDA implementations of the op.
 #include "lstm.h"
 
 #include <c10/util/Exception.h>
@@ -113,6 +113,26 @@ Dims check_backward_args(const std::optional<at::Tensor>& grad_output,
     check_shape(t, {d.seq_len, d.batch, width}, name);
   }
   return d;
+}
+
+namespace {
+
+// Each of `results`, in accumulate_type(dtype), rounded to `dtype`.
+template <typename... Tensors>
+void round_to(at::ScalarType dtype, Tensors&... results) {
+  if (accumulate_type(dtype) != dtype) ((results = results.to(dtype)), ...);
+}
+
+}  // namespace
+
+ForwardResult to_input_dtype(ForwardResult result, at::ScalarType dtype) {
+  round_to(dtype, std::get<0>(result), std::get<1>(result), std::get<2>(result));
+  return result;
+}
+
+BackwardResult to_input_dtype(BackwardResult result, at::ScalarType dtype) {
+  std::apply([&](auto&... grads) { round_to(dtype, grads...); }, result);
+  return result;
 }
 
 at::Tensor prepare(const at::Tensor& t, at::ScalarType acc) {

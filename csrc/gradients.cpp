@@ -1,6 +1,7 @@
 // The gradients of the input and the weights, computed after the time loop from the
 // gradients of all steps' pre-activations: device-independent ATen, a few big GEMMs.
 #include "lstm.h"
+#include "steps.h"
 
 #include <ATen/ops/mm.h>
 #include <ATen/ops/empty.h>
@@ -27,22 +28,20 @@ InputAndWeightGrads input_and_weight_grads(const Dims& d, const std::vector<int6
 
   // grad_w_hh = sum over steps of grad_gates[t]ᵀ · h_prev[t], where h_prev is the
   // previous step's output, or h0 on each row's first step.
-  const int64_t first = reverse ? T - 1 : 0;
-  at::Tensor grad_w_hh = at::mm(grad_gates[first].t(), h0);
+  at::Tensor grad_w_hh = at::mm(grad_gates[time_of(0, T, reverse)].t(), h0);
   if (T > 1) {
     const int64_t later_from = reverse ? 0 : 1;  // the steps that have a previous step
     const int64_t prev_from = reverse ? 1 : 0;
     grad_w_hh.addmm_(grad_gates.narrow(0, later_from, T - 1).reshape({(T - 1) * B, 4 * H}).t(),
                      output.narrow(0, prev_from, T - 1).reshape({(T - 1) * B, P}));
   }
-  if (reverse) {
-    // Packed and reversed, a row starts at its own last step, from h0; the output of
-    // the step before (t + 1) is zero for that row, so add h0's term here.
-    for (int64_t t = 0; t + 1 < T; ++t) {
-      const int64_t k = live[t] - live[t + 1];
-      if (k > 0) {
-        grad_w_hh.addmm_(grad_gates[t].narrow(0, live[t + 1], k).t(), h0.narrow(0, live[t + 1], k));
-      }
+  // Rows that start after step 0 (packed and reversed, each at its own last time) start
+  // from h0, where the output of the step before is zero for them: h0's term is added
+  // here, in increasing time.
+  for (int64_t s = T - 1; s > 0; --s) {
+    const StepRows r = step_rows(s, T, reverse, live.data(), B);
+    if (const int64_t k = r.rows - r.carried; k > 0) {
+      grad_w_hh.addmm_(grad_gates[r.t].narrow(0, r.carried, k).t(), h0.narrow(0, r.carried, k));
     }
   }
 

@@ -58,6 +58,12 @@ std::vector<int64_t> live_rows(const std::optional<at::Tensor>& batch_sizes, con
 // The dtype the kernels compute and keep state in: float32 for bfloat16/float16.
 at::ScalarType accumulate_type(at::ScalarType t);
 
+// The op's results in the input's dtype `dtype`, from the accumulate type the kernels
+// compute in: output, h_n, c_n of a forward (its gates and cells stay in the accumulate
+// type), every gradient of a backward. Rounded once, the last thing every device does.
+ForwardResult to_input_dtype(ForwardResult result, at::ScalarType dtype);
+BackwardResult to_input_dtype(BackwardResult result, at::ScalarType dtype);
+
 // Contiguous, in dtype `acc`; undefined (or absent) stays undefined.
 at::Tensor prepare(const at::Tensor& t, at::ScalarType acc);
 at::Tensor prepare(const std::optional<at::Tensor>& t, at::ScalarType acc);

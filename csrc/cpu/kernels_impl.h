@@ -8,6 +8,7 @@
 // float exp below is a few instructions where a library call costs many more.
 #pragma once
 
+#include "../steps.h"
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
@@ -382,16 +383,6 @@ void for_each_thread_slice(int64_t H, const Body& body) {
 #endif
 }
 
-// Time index, live rows and rows carried over from the previous step, of step s.
-struct Step {
-  int64_t t, prev_t, live, carried;
-  Step(int64_t s, int64_t T, bool reverse, const int64_t* live_rows)
-      : t(reverse ? T - 1 - s : s),
-        prev_t(s == 0 ? t : (reverse ? t + 1 : t - 1)),
-        live(live_rows[t]),
-        carried(s == 0 ? 0 : std::min(live_rows[t], live_rows[prev_t])) {}
-};
-
 template <typename scalar_t>
 void zero_rows(scalar_t* base, int64_t row_stride, int64_t from, int64_t to, int64_t column,
                int64_t width) {
@@ -429,12 +420,12 @@ void recurrent_forward(const RecurrentForward<scalar_t>& a) {
       }
     }
     for (int64_t s = 0; s < T; ++s) {
-      const Step step(s, T, a.reverse, a.live);
+      const StepRows step = step_rows(s, T, a.reverse, a.live, B);
       scalar_t* gates = a.gates + step.t * B * 4 * H;
       scalar_t* cells = a.cells + step.t * B * H;
       scalar_t* output = a.output + step.t * B * H;
-      const scalar_t* prev_output = a.output + step.prev_t * B * H;
-      const scalar_t* prev_cells = a.cells + step.prev_t * B * H;
+      const scalar_t* prev_output = a.output + step.t_prev * B * H;
+      const scalar_t* prev_cells = a.cells + step.t_prev * B * H;
       if (units > 0) {
         if (a.library_product) {
           // Rows carried over read the previous step's h, the others h0.
@@ -442,24 +433,24 @@ void recurrent_forward(const RecurrentForward<scalar_t>& a) {
             const scalar_t* packed = a.workspace + q * H * H + u0;
             scalar_t* c = gates + q * H + u0;
             library_product(step.carried, units, H, prev_output, H, packed, H, c, 4 * H, true);
-            library_product(step.live - step.carried, units, H, a.h0 + step.carried * H, H, packed,
+            library_product(step.rows - step.carried, units, H, a.h0 + step.carried * H, H, packed,
                             H, c + step.carried * 4 * H, 4 * H, true);
           }
         } else {
           multiply_panels<scalar_t, true>(
-              step.live, H, panels,
+              step.rows, H, panels,
               [&](int64_t b) { return (b < step.carried ? prev_output : a.h0) + b * H; },
               [&](int64_t b) { return gates + b * 4 * H; });
         }
-        for (int64_t b = 0; b < step.live; ++b) {
+        for (int64_t b = 0; b < step.rows; ++b) {
           const CellForwardRow<scalar_t> row{gates + b * 4 * H,
                                              (b < step.carried ? prev_cells : a.c0) + b * H,
                                              cells + b * H, output + b * H};
           cell_forward<scalar_t>(row, H, u0, u1);
         }
-        for (int64_t q = 0; q < 4; ++q) zero_rows(gates, 4 * H, step.live, B, q * H + u0, units);
-        zero_rows(cells, H, step.live, B, u0, units);
-        zero_rows(output, H, step.live, B, u0, units);
+        for (int64_t q = 0; q < 4; ++q) zero_rows(gates, 4 * H, step.rows, B, q * H + u0, units);
+        zero_rows(cells, H, step.rows, B, u0, units);
+        zero_rows(output, H, step.rows, B, u0, units);
       }
       barrier();  // this step's h is complete before any thread multiplies it
     }
@@ -486,13 +477,13 @@ void recurrent_backward(const RecurrentBackward<scalar_t>& a) {
     }
     const int64_t u0 = std::min(H, first * PW), u1 = std::min(H, end * PW);
     for (int64_t s = T - 1; s >= 0; --s) {
-      const Step step(s, T, a.reverse, a.live);
+      const StepRows step = step_rows(s, T, a.reverse, a.live, B);
       const scalar_t* gates = a.gates + step.t * B * 4 * H;
       const scalar_t* cells = a.cells + step.t * B * H;
-      const scalar_t* prev_cells = a.cells + step.prev_t * B * H;
+      const scalar_t* prev_cells = a.cells + step.t_prev * B * H;
       scalar_t* grad_gates = a.grad_gates + step.t * B * 4 * H;
       if (u1 > u0) {
-        for (int64_t b = 0; b < step.live; ++b) {
+        for (int64_t b = 0; b < step.rows; ++b) {
           if (a.grad_output != nullptr) {
             scalar_t* grad_h = a.grad_h + b * H;
             const scalar_t* grad_out = a.grad_output + (step.t * B + b) * H;
@@ -504,19 +495,19 @@ void recurrent_backward(const RecurrentBackward<scalar_t>& a) {
           cell_backward<scalar_t>(row, H, u0, u1);
         }
         for (int64_t q = 0; q < 4; ++q) {
-          zero_rows(grad_gates, 4 * H, step.live, B, q * H + u0, u1 - u0);
+          zero_rows(grad_gates, 4 * H, step.rows, B, q * H + u0, u1 - u0);
         }
       }
       barrier();  // every unit's gate gradients are in before they are multiplied
       if (u1 > u0 && a.library_product) {
         // In blocks of the depth 4H, as multiply_panels sums (kDepthBlock).
         for (int64_t k0 = 0; k0 < 4 * H; k0 += kDepthBlock) {
-          library_product(step.live, u1 - u0, std::min(kDepthBlock, 4 * H - k0), grad_gates + k0,
+          library_product(step.rows, u1 - u0, std::min(kDepthBlock, 4 * H - k0), grad_gates + k0,
                           4 * H, a.w_hh + k0 * H + u0, H, a.grad_h + u0, H, k0 > 0);
         }
       } else if (u1 > u0) {
         multiply_panels<scalar_t, false>(
-            step.live, 4 * H, panels, [&](int64_t b) { return grad_gates + b * 4 * H; },
+            step.rows, 4 * H, panels, [&](int64_t b) { return grad_gates + b * 4 * H; },
             [&](int64_t b) { return a.grad_h + b * H; });
       }
     }

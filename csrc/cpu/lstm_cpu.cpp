@@ -14,6 +14,7 @@
 // h_{t-1}; then the weight gradients as a few library GEMMs over all steps at once.
 // bfloat16/float16 inputs run in float32 and are rounded once at the end.
 #include "../lstm.h"
+#include "../steps.h"
 #include "kernels.h"
 
 #include <ATen/Dispatch.h>
@@ -30,6 +31,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 namespace fused_lstm::cpu {
 
@@ -176,15 +178,6 @@ void zero_dead_rows(const at::Tensor& step, int64_t n) {
   if (n < step.size(0)) step.narrow(0, n, step.size(0) - n).zero_();
 }
 
-// The time index of processing step s (steps run backwards in time when reverse).
-inline int64_t time_of(int64_t s, int64_t T, bool reverse) { return reverse ? T - 1 - s : s; }
-
-// Rows of step s whose previous state comes from step s-1; the rest start from h0/c0.
-inline int64_t carried_rows(int64_t s, int64_t T, bool reverse, const std::vector<int64_t>& live) {
-  if (s == 0) return 0;
-  return std::min(live[time_of(s, T, reverse)], live[time_of(s - 1, T, reverse)]);
-}
-
 // The step-by-step forward: one library GEMM per step (and one for the projection).
 template <typename scalar_t>
 void forward_steps(const Dims& d, const std::vector<int64_t>& live, const at::Tensor& h0,
@@ -196,10 +189,8 @@ void forward_steps(const Dims& d, const std::vector<int64_t>& live, const at::Te
   at::Tensor hidden = projected ? at::empty({B, H}, gates.options()) : at::Tensor();
   const at::Tensor w_hh_t = w_hh.t();
   for (int64_t s = 0; s < T; ++s) {
-    const int64_t t = time_of(s, T, reverse);
-    const int64_t n = live[t];
-    const int64_t carried = carried_rows(s, T, reverse, live);
-    const int64_t t_prev = s > 0 ? time_of(s - 1, T, reverse) : 0;
+    const StepRows r = step_rows(s, T, reverse, live.data(), B);
+    const int64_t t = r.t, t_prev = r.t_prev, n = r.rows, carried = r.carried;
     at::Tensor gates_t = gates[t];
     if (carried > 0) {
       gates_t.narrow(0, 0, carried).addmm_(output[t_prev].narrow(0, 0, carried), w_hh_t);
@@ -268,14 +259,13 @@ ForwardResult forward_impl(const Dims& d, const std::vector<int64_t>& live, cons
     const int64_t steps = std::min(chunk, T - first);
     const int64_t t0 = reverse ? T - first - steps : first;  // the chunk holds [t0, t0 + steps)
     if (first > 0) {
-      const int64_t prev_t = reverse ? t0 + steps : t0 - 1;
-      const int64_t carried = std::min(live[prev_t], live[reverse ? t0 + steps - 1 : t0]);
+      const StepRows r = step_rows(first, T, reverse, live.data(), B);
       if (h_start.is_same(h0)) {
         h_start = h0.clone();
         c_start = c0.clone();
       }
-      h_start.narrow(0, 0, carried).copy_(output[prev_t].narrow(0, 0, carried));
-      c_start.narrow(0, 0, carried).copy_(cells[prev_t - prev_t0].narrow(0, 0, carried));
+      h_start.narrow(0, 0, r.carried).copy_(output[r.t_prev].narrow(0, 0, r.carried));
+      c_start.narrow(0, 0, r.carried).copy_(cells[r.t_prev - prev_t0].narrow(0, 0, r.carried));
     }
     Dims dc = d;
     dc.seq_len = steps;
@@ -294,14 +284,13 @@ ForwardResult forward_impl(const Dims& d, const std::vector<int64_t>& live, cons
     } else {
       forward_steps<scalar_t>(dc, live_chunk, h_start, c_start, w_hh, w_hr, reverse, g, c, out);
     }
-    // Each row's final state is that of its last live step: going forward, rows
-    // [live[t+1], live[t]) end at step t; in reverse, every row ends at step 0.
-    for (int64_t t = t0; t < t0 + steps; ++t) {
-      const int64_t from = reverse ? 0 : (t + 1 < T ? live[t + 1] : 0);
-      const int64_t to = (reverse && t > 0) ? 0 : live[t];
-      if (to > from) {
-        h_n.narrow(0, from, to - from).copy_(output[t].narrow(0, from, to - from));
-        c_n.narrow(0, from, to - from).copy_(c[t - t0].narrow(0, from, to - from));
+    // Each row's final state is that of its last live step (going forward, rows
+    // [live[t+1], live[t]) end at step t; in reverse, every row ends at time 0).
+    for (int64_t s = first; s < first + steps; ++s) {
+      const StepRows r = step_rows(s, T, reverse, live.data(), B);
+      if (const int64_t ending = ending_rows(r); ending > 0) {
+        h_n.narrow(0, r.rows_next, ending).copy_(output[r.t].narrow(0, r.rows_next, ending));
+        c_n.narrow(0, r.rows_next, ending).copy_(c[r.t - t0].narrow(0, r.rows_next, ending));
       }
     }
     prev_t0 = t0;
@@ -327,10 +316,8 @@ void backward_steps(const Dims& d, const std::vector<int64_t>& live,
   // With a projection: the gradient of o * tanh(c), the projection's input.
   at::Tensor grad_hidden = projected ? at::empty({B, H}, gates.options()) : at::Tensor();
   for (int64_t s = T - 1; s >= 0; --s) {
-    const int64_t t = time_of(s, T, reverse);
-    const int64_t n = live[t];
-    const int64_t carried = carried_rows(s, T, reverse, live);
-    const int64_t t_prev = s > 0 ? time_of(s - 1, T, reverse) : 0;
+    const StepRows r = step_rows(s, T, reverse, live.data(), B);
+    const int64_t t = r.t, t_prev = r.t_prev, n = r.rows, carried = r.carried;
     at::Tensor grad_h_live = grad_h.narrow(0, 0, n);
     if (grad_output.defined()) grad_h_live.add_(grad_output[t].narrow(0, 0, n));
     if (projected) {
@@ -413,13 +400,7 @@ ForwardResult forward_cpu(const at::Tensor& input, const at::Tensor& h0, const a
                                     prepare(bias, acc), prepare(w_hr, acc), reverse,
                                     save_for_backward);
   });
-  if (acc != input.scalar_type()) {
-    const auto dtype = input.scalar_type();
-    std::get<0>(result) = std::get<0>(result).to(dtype);
-    std::get<1>(result) = std::get<1>(result).to(dtype);
-    std::get<2>(result) = std::get<2>(result).to(dtype);
-  }
-  return result;
+  return to_input_dtype(std::move(result), input.scalar_type());
 }
 
 BackwardResult backward_cpu(const std::optional<at::Tensor>& grad_output,
@@ -442,11 +423,7 @@ BackwardResult backward_cpu(const std::optional<at::Tensor>& grad_output,
         prepare(w_hh, acc), prepare(w_hr, acc), reverse, prepare(output, acc),
         gates.contiguous(), cells.contiguous(), input_grad);
   });
-  if (acc != input.scalar_type()) {
-    const auto dtype = input.scalar_type();
-    std::apply([&](auto&... grads) { ((grads = grads.to(dtype)), ...); }, result);
-  }
-  return result;
+  return to_input_dtype(std::move(result), input.scalar_type());
 }
 
 }  // namespace

@@ -24,6 +24,8 @@
 // the input's dtype and widened when staged.
 #pragma once
 
+#include "../steps.h"
+
 #include <c10/macros/Macros.h>
 
 #include <cmath>
@@ -87,26 +89,6 @@ struct Tile {
 using SmallBatchTile = Tile<4, 32, 1, 1, 32>;    // 128 threads
 using LargeBatchTile = Tile<32, 32, 2, 2, 16>;   // 256 threads
 constexpr int64_t kSmallBatch = 64;              // the largest batch run with SmallBatchTile
-
-// Which rows do what at processing step s (steps run backwards in time with reverse).
-struct StepRows {
-  int64_t t;          // the time index of step s
-  int64_t t_prev;     // the time index of step s-1 (t itself at s = 0)
-  int64_t rows;       // rows live at step s: b < rows
-  int64_t carried;    // rows whose previous state is step s-1's; the others start from h0, c0
-  int64_t rows_next;  // rows live at step s+1 (0 at the last step): the others end at step s
-};
-
-// The rows of processing step s. `live` holds the live rows of each time index (from
-// batch_sizes); null means all `batch` rows at every step.
-C10_HOST_DEVICE inline StepRows step_rows(int64_t s, int64_t T, bool reverse, const int64_t* live,
-                                          int64_t batch) {
-  const auto time = [&](int64_t k) { return reverse ? T - 1 - k : k; };
-  const auto live_at = [&](int64_t k) { return live ? live[time(k)] : batch; };
-  const int64_t rows = live_at(s);
-  const int64_t carried = s > 0 ? (rows < live_at(s - 1) ? rows : live_at(s - 1)) : 0;
-  return {time(s), s > 0 ? time(s - 1) : time(s), rows, carried, s + 1 < T ? live_at(s + 1) : 0};
-}
 
 // std::min is a __host__ function: see FUSED_LSTM_DEVICE_CODE_BEGIN.
 C10_HOST_DEVICE constexpr int64_t min_of(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -176,7 +158,7 @@ struct ForwardStep {
   acc_t* h_n;               // [B, H]: h_t of the rows that end here, or null (with w_hr)
   acc_t* c_n;               // [B, H]: c_t of the rows that end here
   int64_t batch, hidden_size, output_size;  // B, H, P
-  int64_t rows, carried, rows_next;         // see StepRows
+  int64_t rows, carried, rows_next;         // see StepRows (steps.h)
 
   // The length of the recurrent product (over the P columns of h_{t-1}), and the rows it
   // is needed for.
@@ -251,7 +233,7 @@ struct BackwardStep {
   acc_t* grad_c;                   // [B, H]: gradient of c_t in, of c_{t-1} out (live rows)
   acc_t* grad_gates;               // [B, 4H]: out, zero for rows not live; null: no step
   int64_t batch, hidden_size;      // B, H
-  int64_t rows, carried, rows_next;  // see StepRows; rows = 0 for the last launch
+  int64_t rows, carried, rows_next;  // see StepRows (steps.h); rows = 0 for the last launch
 
   // The length of the recurrent product (over the 4H gate rows; none without
   // grad_gates_next), and the rows it is needed for.
@@ -355,11 +337,10 @@ struct BackwardSequence {
   C10_HOST_DEVICE Step step(int64_t i) const {
     const int64_t T = seq_len, B = batch, H = hidden_size;
     const int64_t s = T - 1 - i;
-    // The time index of processing step k (in [0, T)).
-    const auto time = [&](int64_t k) { return reverse ? T - 1 - k : k; };
-    const acc_t* grad_gates_next = s + 1 < T ? grad_gates + time(s + 1) * B * 4 * H : nullptr;
+    const acc_t* grad_gates_next =
+        s + 1 < T ? grad_gates + time_of(s + 1, T, reverse) * B * 4 * H : nullptr;
     if (s < 0) {
-      const int64_t first_rows = live ? live[time(0)] : B;
+      const int64_t first_rows = live_rows_at(0, T, reverse, live, B);
       return {w_hh, grad_gates_next, nullptr, nullptr, nullptr, nullptr, nullptr, grad_h, grad_c,
               nullptr, B, H, 0, 0, first_rows};
     }

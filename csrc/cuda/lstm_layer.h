@@ -104,14 +104,12 @@ ForwardResult forward_layer(const Run& run, const Dims& d, const std::vector<int
       run_step<Run>(step);
       at::Tensor out_live = output[r.t].narrow(0, 0, r.rows);
       at::mm_out(out_live, hidden.narrow(0, 0, r.rows), w_hr_t);
-      if (r.rows > r.rows_next) {
-        const int64_t ending = r.rows - r.rows_next;
+      if (const int64_t ending = ending_rows(r); ending > 0) {
         h_n.narrow(0, r.rows_next, ending).copy_(output[r.t].narrow(0, r.rows_next, ending));
       }
     }
   }
-  const auto dtype = input.scalar_type();
-  return {output.to(dtype), h_n.to(dtype), c_n.to(dtype), gates, cells};
+  return to_input_dtype({output, h_n, c_n, gates, cells}, input.scalar_type());
 }
 
 template <typename Run, typename scalar_t>
@@ -177,10 +175,8 @@ BackwardResult backward_layer(const Run& run, const Dims& d,
   auto [grad_input, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] = input_and_weight_grads(
       d, live, reverse, grad_gates, prepare(input, acc), prepare(h0_in, acc), prepare(w_ih_in, acc),
       prepare(output_in, acc), gates, cells, grad_h_steps, input_grad);
-  BackwardResult result{grad_input, grad_h, grad_c, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
-  const auto dtype = input.scalar_type();
-  if (acc != dtype) std::apply([&](auto&... grads) { ((grads = grads.to(dtype)), ...); }, result);
-  return result;
+  return to_input_dtype({grad_input, grad_h, grad_c, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr},
+                        input.scalar_type());
 }
 
 // The op's entry points for a given Run: checks, then the layer in the input's dtype.
