@@ -20,6 +20,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/native/CPUBlas.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
@@ -173,37 +174,50 @@ void for_rows_and_units(int64_t rows, int64_t H, const F& fn) {
   });
 }
 
-// Zeros rows [n, B) of a [B, ...] step slice: the rows that are not live at that step.
-void zero_dead_rows(const at::Tensor& step, int64_t n) {
-  if (n < step.size(0)) step.narrow(0, n, step.size(0) - n).zero_();
+// Rows [begin, begin + count) of a matrix: the matrix itself when that is all of it.
+// Views are not free (a dispatcher call each, about 1 us), and a call of one step (a cell,
+// a streaming model) would otherwise make a dozen of them.
+at::Tensor row_block(const at::Tensor& m, int64_t begin, int64_t count) {
+  return begin == 0 && count == m.size(0) ? m : m.narrow(0, begin, count);
+}
+
+// Zeros rows [n, B) of a step's [B, width] block at `step`: the rows not live at it.
+template <typename scalar_t>
+void zero_dead_rows(scalar_t* step, int64_t n, int64_t B, int64_t width) {
+  if (n < B) std::fill(step + n * width, step + B * width, scalar_t(0));
 }
 
 // The step-by-step forward: one library GEMM per step (and one for the projection).
+// gates2d [T·B, 4H] (x·w_ihᵀ + bias in, the activations out), cells and output as in
+// lstm.h, as raw rows; only the products see tensors.
 template <typename scalar_t>
-void forward_steps(const Dims& d, const std::vector<int64_t>& live, const at::Tensor& h0,
+void forward_steps(const Dims& d, const int64_t* live, const at::Tensor& h0,
                    const at::Tensor& c0, const at::Tensor& w_hh, const at::Tensor& w_hr,
-                   bool reverse, at::Tensor& gates, at::Tensor& cells, at::Tensor& output) {
-  const int64_t T = d.seq_len, B = d.batch, H = d.hidden_size;
+                   bool reverse, at::Tensor& gates2d, scalar_t* cells, at::Tensor& output2d) {
+  const int64_t T = d.seq_len, B = d.batch, H = d.hidden_size, P = d.output_size;
   const bool projected = w_hr.defined();
   const auto& kernels = cpu_kernels<scalar_t>();
-  at::Tensor hidden = projected ? at::empty({B, H}, gates.options()) : at::Tensor();
+  at::Tensor hidden = projected ? at::empty({B, H}, gates2d.options()) : at::Tensor();
   const at::Tensor w_hh_t = w_hh.t();
+  scalar_t* const gates = gates2d.data_ptr<scalar_t>();
+  scalar_t* const output = output2d.data_ptr<scalar_t>();
+  const scalar_t* c_initial = c0.data_ptr<scalar_t>();
   for (int64_t s = 0; s < T; ++s) {
-    const StepRows r = step_rows(s, T, reverse, live.data(), B);
-    const int64_t t = r.t, t_prev = r.t_prev, n = r.rows, carried = r.carried;
-    at::Tensor gates_t = gates[t];
+    const StepRows r = step_rows(s, T, reverse, live, B);
+    const int64_t t = r.t, n = r.rows, carried = r.carried;
     if (carried > 0) {
-      gates_t.narrow(0, 0, carried).addmm_(output[t_prev].narrow(0, 0, carried), w_hh_t);
+      row_block(gates2d, t * B, carried)
+          .addmm_(row_block(output2d, r.t_prev * B, carried), w_hh_t);
     }
     if (n > carried) {
-      gates_t.narrow(0, carried, n - carried).addmm_(h0.narrow(0, carried, n - carried), w_hh_t);
+      row_block(gates2d, t * B + carried, n - carried)
+          .addmm_(row_block(h0, carried, n - carried), w_hh_t);
     }
 
-    scalar_t* g = gates_t.data_ptr<scalar_t>();
-    scalar_t* c = cells[t].data_ptr<scalar_t>();
-    const scalar_t* c_carried = cells[t_prev].data_ptr<scalar_t>();
-    const scalar_t* c_initial = c0.data_ptr<scalar_t>();
-    scalar_t* h = projected ? hidden.data_ptr<scalar_t>() : output[t].data_ptr<scalar_t>();
+    scalar_t* g = gates + t * B * 4 * H;
+    scalar_t* c = cells + t * B * H;
+    const scalar_t* c_carried = cells + r.t_prev * B * H;
+    scalar_t* h = projected ? hidden.data_ptr<scalar_t>() : output + t * B * P;
     for_rows_and_units(n, H, [&](int64_t b, int64_t j0, int64_t j1) {
       const CellForwardRow<scalar_t> row{g + b * 4 * H,
                                          (b < carried ? c_carried : c_initial) + b * H,
@@ -211,12 +225,12 @@ void forward_steps(const Dims& d, const std::vector<int64_t>& live, const at::Te
       kernels.cell_forward(row, H, j0, j1);
     });
     if (projected) {
-      at::Tensor out_live = output[t].narrow(0, 0, n);
-      at::mm_out(out_live, hidden.narrow(0, 0, n), w_hr.t());
+      at::Tensor out_live = row_block(output2d, t * B, n);
+      at::mm_out(out_live, row_block(hidden, 0, n), w_hr.t());
     }
-    zero_dead_rows(gates_t, n);
-    zero_dead_rows(cells[t], n);
-    zero_dead_rows(output[t], n);
+    zero_dead_rows(g, n, B, 4 * H);
+    zero_dead_rows(c, n, B, H);
+    zero_dead_rows(output + t * B * P, n, B, P);
   }
 }
 
@@ -255,6 +269,11 @@ ForwardResult forward_impl(const Dims& d, const std::vector<int64_t>& live, cons
   // it, the others h0/c0 (rows that start later, in reverse).
   at::Tensor h_start = h0, c_start = c0;
   int64_t prev_t0 = 0;
+  const at::Tensor x2d = x.view({T * B, d.input_size});
+  at::Tensor gates2d = gates.view({chunk * B, 4 * H});
+  at::Tensor output2d = output.view({T * B, P});
+  scalar_t* const out = output.data_ptr<scalar_t>();
+  scalar_t* const c = cells.data_ptr<scalar_t>();
   for (int64_t first = 0; first < T; first += chunk) {
     const int64_t steps = std::min(chunk, T - first);
     const int64_t t0 = reverse ? T - first - steps : first;  // the chunk holds [t0, t0 + steps)
@@ -269,28 +288,30 @@ ForwardResult forward_impl(const Dims& d, const std::vector<int64_t>& live, cons
     }
     Dims dc = d;
     dc.seq_len = steps;
-    const std::vector<int64_t> live_chunk(live.begin() + t0, live.begin() + t0 + steps);
-    at::Tensor g = gates.narrow(0, 0, steps), c = cells.narrow(0, 0, steps);
-    at::Tensor out = output.narrow(0, t0, steps);
-    at::Tensor g2d = g.view({steps * B, 4 * H});
-    input_projection<scalar_t>(x.narrow(0, t0, steps).reshape({steps * B, d.input_size}), w_ih,
-                               w_ih_t, bias, g2d, library);
+    const int64_t* live_chunk = live.data() + t0;
+    at::Tensor g2d = row_block(gates2d, 0, steps * B);
+    input_projection<scalar_t>(row_block(x2d, t0 * B, steps * B), w_ih, w_ih_t, bias, g2d,
+                               library);
     if (persistent) {
-      kernels.recurrent_forward({steps, B, H, live_chunk.data(), reverse, library, first == 0,
+      kernels.recurrent_forward({steps, B, H, live_chunk, reverse, library, first == 0,
                                  w_hh.data_ptr<scalar_t>(), workspace.data_ptr<scalar_t>(),
                                  h_start.data_ptr<scalar_t>(), c_start.data_ptr<scalar_t>(),
-                                 g.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(),
-                                 out.data_ptr<scalar_t>()});
+                                 g2d.data_ptr<scalar_t>(), c, out + t0 * B * P});
     } else {
-      forward_steps<scalar_t>(dc, live_chunk, h_start, c_start, w_hh, w_hr, reverse, g, c, out);
+      at::Tensor out2d = row_block(output2d, t0 * B, steps * B);
+      forward_steps<scalar_t>(dc, live_chunk, h_start, c_start, w_hh, w_hr, reverse, g2d, c,
+                              out2d);
     }
     // Each row's final state is that of its last live step (going forward, rows
-    // [live[t+1], live[t]) end at step t; in reverse, every row ends at time 0).
+    // [live[t+1], live[t]) end at step t; in reverse, every row ends at time 0): rows
+    // [rows_next, rows) of the step, contiguous in output, cells, h_n and c_n.
     for (int64_t s = first; s < first + steps; ++s) {
       const StepRows r = step_rows(s, T, reverse, live.data(), B);
       if (const int64_t ending = ending_rows(r); ending > 0) {
-        h_n.narrow(0, r.rows_next, ending).copy_(output[r.t].narrow(0, r.rows_next, ending));
-        c_n.narrow(0, r.rows_next, ending).copy_(c[r.t - t0].narrow(0, r.rows_next, ending));
+        std::copy_n(out + (r.t * B + r.rows_next) * P, ending * P,
+                    h_n.data_ptr<scalar_t>() + r.rows_next * P);
+        std::copy_n(c + ((r.t - t0) * B + r.rows_next) * H, ending * H,
+                    c_n.data_ptr<scalar_t>() + r.rows_next * H);
       }
     }
     prev_t0 = t0;
@@ -303,47 +324,55 @@ ForwardResult forward_impl(const Dims& d, const std::vector<int64_t>& live, cons
 }
 
 // The step-by-step backward: one library GEMM per step for the gradient of h_{t-1} (and
-// one for the projection's).
+// one for the projection's). As the forward, raw rows but for the products.
 template <typename scalar_t>
 void backward_steps(const Dims& d, const std::vector<int64_t>& live,
                     const at::Tensor& grad_output, const at::Tensor& c0, const at::Tensor& w_hh,
                     const at::Tensor& w_hr, bool reverse, const at::Tensor& gates,
                     const at::Tensor& cells, at::Tensor& grad_h, at::Tensor& grad_c,
                     at::Tensor& grad_gates, at::Tensor& grad_h_steps) {
-  const int64_t T = d.seq_len, B = d.batch, H = d.hidden_size;
+  const int64_t T = d.seq_len, B = d.batch, H = d.hidden_size, P = d.output_size;
   const bool projected = w_hr.defined();
   const auto& kernels = cpu_kernels<scalar_t>();
   // With a projection: the gradient of o * tanh(c), the projection's input.
   at::Tensor grad_hidden = projected ? at::empty({B, H}, gates.options()) : at::Tensor();
+  at::Tensor grad_gates2d = grad_gates.view({T * B, 4 * H});
+  const scalar_t* g_all = gates.data_ptr<scalar_t>();
+  const scalar_t* c_all = cells.data_ptr<scalar_t>();
+  const scalar_t* c_initial = c0.data_ptr<scalar_t>();
+  const scalar_t* grad_out = grad_output.defined() ? grad_output.data_ptr<scalar_t>() : nullptr;
+  scalar_t* dh_carried = grad_h.data_ptr<scalar_t>();
+  scalar_t* dg_all = grad_gates.data_ptr<scalar_t>();
   for (int64_t s = T - 1; s >= 0; --s) {
     const StepRows r = step_rows(s, T, reverse, live.data(), B);
-    const int64_t t = r.t, t_prev = r.t_prev, n = r.rows, carried = r.carried;
-    at::Tensor grad_h_live = grad_h.narrow(0, 0, n);
-    if (grad_output.defined()) grad_h_live.add_(grad_output[t].narrow(0, 0, n));
+    const int64_t t = r.t, n = r.rows, carried = r.carried;
+    if (grad_out != nullptr) {
+      const scalar_t* from = grad_out + t * B * P;
+      for (int64_t k = 0; k < n * P; ++k) dh_carried[k] += from[k];
+    }
+    at::Tensor grad_h_live = row_block(grad_h, 0, n);
     if (projected) {
-      at::Tensor steps_t = grad_h_steps[t];
-      steps_t.narrow(0, 0, n).copy_(grad_h_live);
-      zero_dead_rows(steps_t, n);
-      at::Tensor grad_hidden_live = grad_hidden.narrow(0, 0, n);
+      scalar_t* steps_t = grad_h_steps.data_ptr<scalar_t>() + t * B * P;
+      std::copy_n(dh_carried, n * P, steps_t);
+      zero_dead_rows(steps_t, n, B, P);
+      at::Tensor grad_hidden_live = row_block(grad_hidden, 0, n);
       at::mm_out(grad_hidden_live, grad_h_live, w_hr);
     }
 
-    const scalar_t* g = gates[t].data_ptr<scalar_t>();
-    const scalar_t* c = cells[t].data_ptr<scalar_t>();
-    const scalar_t* c_carried = cells[t_prev].data_ptr<scalar_t>();
-    const scalar_t* c_initial = c0.data_ptr<scalar_t>();
-    const scalar_t* dh = projected ? grad_hidden.data_ptr<scalar_t>() : grad_h.data_ptr<scalar_t>();
+    const scalar_t* g = g_all + t * B * 4 * H;
+    const scalar_t* c = c_all + t * B * H;
+    const scalar_t* c_carried = c_all + r.t_prev * B * H;
+    const scalar_t* dh = projected ? grad_hidden.data_ptr<scalar_t>() : dh_carried;
     scalar_t* dc = grad_c.data_ptr<scalar_t>();
-    at::Tensor grad_gates_t = grad_gates[t];
-    scalar_t* dg = grad_gates_t.data_ptr<scalar_t>();
+    scalar_t* dg = dg_all + t * B * 4 * H;
     for_rows_and_units(n, H, [&](int64_t b, int64_t j0, int64_t j1) {
       const CellBackwardRow<scalar_t> row{g + b * 4 * H, c + b * H,
                                           (b < carried ? c_carried : c_initial) + b * H,
                                           dh + b * H, dc + b * H, dg + b * 4 * H};
       kernels.cell_backward(row, H, j0, j1);
     });
-    zero_dead_rows(grad_gates_t, n);
-    at::mm_out(grad_h_live, grad_gates_t.narrow(0, 0, n), w_hh);
+    zero_dead_rows(dg, n, B, 4 * H);
+    at::mm_out(grad_h_live, row_block(grad_gates2d, t * B, n), w_hh);
   }
 }
 
@@ -390,6 +419,10 @@ ForwardResult forward_cpu(const at::Tensor& input, const at::Tensor& h0, const a
                           const std::optional<at::Tensor>& w_hr,
                           const std::optional<at::Tensor>& batch_sizes, bool reverse,
                           bool save_for_backward) {
+  // The tensors made and viewed in here never need autograd's bookkeeping: without this
+  // guard each narrow() and select() of the step loop goes through the autograd and
+  // ADInplaceOrView kernels (a differentiable view each), most of a one-step call's cost.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Dims d = check_forward_args(input, h0, c0, w_ih, w_hh, bias, w_hr, batch_sizes);
   const auto live = live_rows(batch_sizes, d);
   const auto acc = accumulate_type(input.scalar_type());
@@ -411,6 +444,7 @@ BackwardResult backward_cpu(const std::optional<at::Tensor>& grad_output,
                             const std::optional<at::Tensor>& batch_sizes, bool reverse,
                             const at::Tensor& output, const at::Tensor& gates,
                             const at::Tensor& cells, bool input_grad) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in forward_cpu
   const Dims d = check_backward_args(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh,
                                      w_hr, batch_sizes, output, gates, cells);
   const auto live = live_rows(batch_sizes, d);
