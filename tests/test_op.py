@@ -18,11 +18,16 @@ forward = torch.ops.fused_lstm.forward
 backward = torch.ops.fused_lstm.backward
 
 
-@pytest.fixture(params=["persistent", "stepwise"])
+@pytest.fixture(params=["persistent", "stepwise", "stepwise-library"])
 def cpu_path(request, monkeypatch):
-    """Runs a test on both CPU paths of the recurrence (csrc/cpu/lstm_cpu.cpp)."""
-    monkeypatch.setenv("FUSED_LSTM_CPU_PATH", request.param)
-    return request.param
+    """Runs a test on every CPU path of the recurrence (csrc/cpu/lstm_cpu.cpp): the
+    persistent one, and step by step with our row products (the default for a few rows,
+    as every shape here has) or the library's GEMMs."""
+    path, _, product = request.param.partition("-")
+    monkeypatch.setenv("FUSED_LSTM_CPU_PATH", path)
+    if product:
+        monkeypatch.setenv("FUSED_LSTM_CPU_PRODUCT", product)
+    return path
 
 
 ARG_NAMES = ["input", "h0", "c0", "w_ih", "w_hh", "bias", "w_hr"]

@@ -4,8 +4,9 @@
 // cpu_kernels() picks the best build this CPU runs.
 //
 // Two families:
-// - Element-wise kernels over one row and a range of hidden units (gate activations and
-//   the cell update, and their gradient), used by the step-by-step path of lstm_cpu.cpp.
+// - Kernels over one row and a range of hidden units, used by the step-by-step path of
+//   lstm_cpu.cpp: the gate activations and the cell update, their gradient, and the
+//   gates' products with unpacked weights for a step of a few rows.
 // - The persistent recurrence: the whole time loop of one layer in one parallel region.
 //   Thread k owns a slice of hidden units for the whole sequence: it keeps its w_hh rows
 //   packed in panels for its own small-matrix kernel, computes the four gates of its
@@ -82,6 +83,10 @@ struct CpuKernels {
   // Each element-wise kernel works on the hidden units [j0, j1) of one row.
   void (*cell_forward)(const CellForwardRow<scalar_t>& row, int64_t H, int64_t j0, int64_t j1);
   void (*cell_backward)(const CellBackwardRow<scalar_t>& row, int64_t H, int64_t j0, int64_t j1);
+  // gates[q·H + j] += w[q·H + j, :K] · v for the gates q and units [j0, j1) of one row
+  // (w [4H, K] as nn.LSTM stores it): the products of a step of a few rows.
+  void (*gate_products)(const scalar_t* w, int64_t K, const scalar_t* v, scalar_t* gates,
+                        int64_t H, int64_t j0, int64_t j1);
   void (*recurrent_forward)(const RecurrentForward<scalar_t>& args);
   void (*recurrent_backward)(const RecurrentBackward<scalar_t>& args);
   // Elements of workspace the persistent kernels need for hidden size H.

@@ -197,6 +197,52 @@ void cell_forward(const CellForwardRow<scalar_t>& row, int64_t H, int64_t j0, in
   });
 }
 
+// The sum of a vector's lanes.
+template <typename scalar_t>
+inline scalar_t sum_lanes(lanes_t<scalar_t> v) {
+  scalar_t sum = 0;
+  for (int64_t i = 0; i < kLanes<scalar_t>; ++i) sum += v[i];
+  return sum;
+}
+
+// gates[q·H + j] += w[q·H + j] · v for the four gates q and the units [j0, j1): one row's
+// products with w as nn.LSTM stores it ([4H, K], no packing), four weight rows at a time,
+// each a dot product of contiguous values (a partial sum per lane).
+template <typename scalar_t>
+void gate_products(const scalar_t* w, int64_t K, const scalar_t* v, scalar_t* gates, int64_t H,
+                   int64_t j0, int64_t j1) {
+  constexpr int64_t L = kLanes<scalar_t>;
+  using V = lanes_t<scalar_t>;
+  for (int64_t q = 0; q < 4; ++q) {
+    int64_t r = q * H + j0;
+    const int64_t end = q * H + j1;
+    for (; r + 4 <= end; r += 4) {
+      const scalar_t* w0 = w + r * K;
+      V a0{}, a1{}, a2{}, a3{};
+      for (int64_t k = 0; k < K; k += L) {
+        const int64_t n = std::min(L, K - k);
+        const V x = load_lanes(v + k, n);
+        a0 = fmadd(load_lanes(w0 + k, n), x, a0);
+        a1 = fmadd(load_lanes(w0 + K + k, n), x, a1);
+        a2 = fmadd(load_lanes(w0 + 2 * K + k, n), x, a2);
+        a3 = fmadd(load_lanes(w0 + 3 * K + k, n), x, a3);
+      }
+      gates[r] += sum_lanes<scalar_t>(a0);
+      gates[r + 1] += sum_lanes<scalar_t>(a1);
+      gates[r + 2] += sum_lanes<scalar_t>(a2);
+      gates[r + 3] += sum_lanes<scalar_t>(a3);
+    }
+    for (; r < end; ++r) {
+      V a{};
+      for (int64_t k = 0; k < K; k += L) {
+        const int64_t n = std::min(L, K - k);
+        a = fmadd(load_lanes(w + r * K + k, n), load_lanes(v + k, n), a);
+      }
+      gates[r] += sum_lanes<scalar_t>(a);
+    }
+  }
+}
+
 template <typename scalar_t>
 void cell_backward(const CellBackwardRow<scalar_t>& row, int64_t H, int64_t j0, int64_t j1) {
   for_each_vector<scalar_t>(j0, j1, [&](int64_t j, int64_t n) {
@@ -516,8 +562,9 @@ void recurrent_backward(const RecurrentBackward<scalar_t>& a) {
 
 template <typename scalar_t>
 CpuKernels<scalar_t> make_cpu_kernels() {
-  return {&cell_forward<scalar_t>, &cell_backward<scalar_t>, &recurrent_forward<scalar_t>,
-          &recurrent_backward<scalar_t>, &recurrent_workspace_size<scalar_t>};
+  return {&cell_forward<scalar_t>, &cell_backward<scalar_t>, &gate_products<scalar_t>,
+          &recurrent_forward<scalar_t>, &recurrent_backward<scalar_t>,
+          &recurrent_workspace_size<scalar_t>};
 }
 
 }  // namespace fused_lstm::cpu::CPU_CAPABILITY
