@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional
-from .modules import _autocast_dtype, _autocast_eligible
+from .modules import _in_autocast_dtype, _parameters_by_name
 
 
 class FusedLSTMCell(nn.RNNCellBase):
@@ -116,26 +116,15 @@ class FusedLSTMCell(nn.RNNCellBase):
 
     @torch.jit.unused
     def _eager_operands(self, input: Tensor, h_0: Tensor, c_0: Tensor):
-        """The step's operands in eager mode, under torch.compile and export: the weights
-        (from _parameters: nn.Module.__getattr__ costs 0.5 us a parameter, a tenth of a
-        small step; a parametrized weight is not there, its attribute computes it), and
-        under autocast everything in its dtype, as FusedLSTM."""
-        params = self._parameters
-        try:
-            w_ih, w_hh = params["weight_ih"], params["weight_hh"]
-            b_ih, b_hh = params["bias_ih"], params["bias_hh"]
-        except KeyError:
-            w_ih, w_hh, b_ih, b_hh = self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
+        """The step's operands in eager mode, under torch.compile and export: the weights,
+        and under autocast everything in its dtype, as FusedLSTM."""
+        w_ih, w_hh, b_ih, b_hh = _parameters_by_name(
+            self, ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
         # The op checks the dtypes and devices (RuntimeError, as nn.LSTMCell raises), but
         # for the meta device: a meta tensor sends it to its fake, which checks none.
         if input.is_meta or h_0.is_meta or c_0.is_meta or w_ih.is_meta:
             _check_devices(input, h_0, c_0, w_ih)
-        operands = (input, h_0, c_0, w_ih, w_hh, b_ih, b_hh)
-        dtype = _autocast_dtype(input)
-        if dtype is None:
-            return operands
-        return tuple(t if t is None or not _autocast_eligible(t) else t.to(dtype)
-                     for t in operands)
+        return _in_autocast_dtype((input, h_0, c_0, w_ih, w_hh, b_ih, b_hh))
 
 
 def _refuse_state(hx) -> None:

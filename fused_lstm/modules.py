@@ -62,10 +62,7 @@ class FusedLSTM(nn.Module):
 
     @property
     def _flat_weights(self) -> list[Tensor]:
-        # From _parameters: nn.Module.__getattr__ costs 0.5 us a parameter, and forward reads
-        # them twice (check_input). A parametrized weight is not there: its attribute computes it.
-        params = self._parameters
-        return [params[n] if n in params else getattr(self, n) for n in self._flat_weights_names]
+        return _parameters_by_name(self, self._flat_weights_names)  # read twice a forward
 
     # nn.LSTM's own (its names, signatures and messages; code written for nn.LSTM may
     # call them), compiled by TorchScript as ours.
@@ -131,11 +128,7 @@ class FusedLSTM(nn.Module):
             _check_devices_and_dtypes(input, self.weight_ih_l0, h0, c0,
                                       torch._C._is_any_autocast_enabled())
             _memory.check_forward(input, batch_sizes, self.batch_first, h0, self.hidden_size)
-            weights = self._flat_weights
-            dtype = _autocast_dtype(input)
-            if dtype is not None:
-                input, h0, c0, *weights = (t.to(dtype) if _autocast_eligible(t) else t
-                                           for t in (input, h0, c0, *weights))
+            input, h0, c0, *weights = _in_autocast_dtype((input, h0, c0, *self._flat_weights))
         h0, c0 = self.permute_hidden((h0, c0), sorted_indices)
         output, h_n, c_n = functional.lstm(
             input, h0, c0, weights, self.num_layers, self.bidirectional, self.dropout,
@@ -204,16 +197,24 @@ def _check_two_states(hx) -> None:
         raise RuntimeError("lstm expects two hidden states")
 
 
-def _autocast_dtype(x: Tensor) -> torch.dtype | None:
-    """Under autocast, the dtype to run in, as nn.LSTM does on cuDNN."""
-    if torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return None
+def _parameters_by_name(module: nn.Module, names) -> list:
+    """The module's parameters (or None) called `names`, read from _parameters:
+    nn.Module.__getattr__ costs 0.5 us a parameter, a tenth of a small step. A parametrized
+    weight is not there: its attribute computes it."""
+    params = module._parameters
+    return [params[n] if n in params else getattr(module, n) for n in names]
 
 
-def _autocast_eligible(t: Tensor) -> bool:
-    """Autocast's own rule: floating-point tensors are cast, float64 ones are not."""
-    return t.is_floating_point() and t.dtype != torch.float64
+def _in_autocast_dtype(tensors: tuple) -> tuple:
+    """``tensors`` (the input first, None kept) as autocast runs them, as nn.LSTM does on
+    cuDNN: under autocast for the input's device, floating-point ones but float64 in its
+    dtype (autocast's own rule); else unchanged."""
+    device = tensors[0].device.type
+    if not (torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(device)):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64
+                 else t for t in tensors)
 
 
 class ReferenceLSTM(FusedLSTM):
