@@ -2,15 +2,9 @@
 // (cpu/lstm_cpu.cpp, cuda/lstm_cuda.cu). A small diagnostic op is defined beside what it
 // reports on (cpu_capability in cpu/lstm_cpu.cpp); the CUDA emulation is test code, its
 // own extension (tests/emulator). Importing the extension module fused_lstm._C runs these
-// registrations; everything is called as torch.ops.fused_lstm.*.
-#include <Python.h>
+// registrations (module_calls.cpp defines the module and its two functions); the ops are
+// called as torch.ops.fused_lstm.*.
 #include <torch/library.h>
-
-// A module with no functions of its own: `import fused_lstm._C` only loads the library.
-PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
 
 TORCH_LIBRARY(fused_lstm, m) {
   // See lstm.h for the meaning of every argument and output. save_for_backward=False

@@ -12,8 +12,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from . import functional
-from .modules import _in_autocast_dtype, _parameters_by_name
+from . import _C, functional
+from .modules import _in_autocast_dtype, _native_call_allowed, _parameters_by_name
 
 
 class FusedLSTMCell(nn.RNNCellBase):
@@ -62,6 +62,12 @@ class FusedLSTMCell(nn.RNNCellBase):
     ) -> Tuple[Tensor, Tensor]:
         """nn.LSTMCell's forward: ``input [B, I]`` or ``[I]``, ``hx = (h_0, c_0)`` each
         ``[B, H]`` or ``[H]`` (zeros if None); returns ``(h_1, c_1)``."""
+        if not torch.jit.is_scripting():
+            if _native_call_allowed():
+                result = _C.cell_forward(input, hx, self._parameters, self.input_size,
+                                         self.hidden_size)
+                if result is not None:
+                    return result
         dim = input.dim()
         if dim != 2:
             if dim != 1:

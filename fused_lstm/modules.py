@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from . import _memory, functional
+from . import _C, _memory, functional
 
 
 class FusedLSTM(nn.Module):
@@ -82,6 +82,14 @@ class FusedLSTM(nn.Module):
         """nn.LSTM's forward, checks in its order. One path for eager mode and TorchScript;
         PackedSequence input, autocast and the memory check are eager only."""
         if not torch.jit.is_scripting():
+            if _native_call_allowed() and not (self._reference or (
+                    self.training and self.dropout > 0 and self.num_layers > 1)):
+                result = _C.lstm_forward(
+                    input, hx, self._parameters, self._flat_weights_names, self.num_layers,
+                    self.bidirectional, self.batch_first, self.input_size, self.hidden_size,
+                    self.proj_size)
+                if result is not None:
+                    return result
             if isinstance(input, PackedSequence):
                 data, batch_sizes, sorted_indices, unsorted_indices = input
                 _check_batch_sizes(batch_sizes, data)
@@ -195,6 +203,16 @@ def _check_batch_sizes(batch_sizes: Tensor, data: Tensor) -> None:
 def _check_two_states(hx) -> None:
     if hx is not None and (isinstance(hx, Tensor) or len(hx) != 2):
         raise RuntimeError("lstm expects two hidden states")
+
+
+def _native_call_allowed() -> bool:
+    """Whether a module's forward may try its one native call (csrc/module_calls.cpp),
+    which takes only eager calls that nothing differentiates and that run no Python
+    dispatch: not under torch.compile or export, autocast, torch.func transforms or
+    forward-mode AD (it checks the rest itself: tracing, modes, tensor subclasses, autograd)."""
+    return not (torch.compiler.is_compiling() or torch._C._is_any_autocast_enabled()
+                or torch._C._are_functorch_transforms_active()
+                or torch.autograd.forward_ad._current_level >= 0)
 
 
 def _parameters_by_name(module: nn.Module, names) -> list:

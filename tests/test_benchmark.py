@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fused_lstm import FusedLSTM
-from fused_lstm import functional
+from fused_lstm import functional, modules
 
 RUN_PY = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
 spec = importlib.util.spec_from_file_location("benchmark_run", RUN_PY)
@@ -262,6 +262,8 @@ def wrong_backward(layer):
 ])
 def test_wrong_fused_lstm_stops_the_benchmark(monkeypatch, tmp_path, mode, breaks, wrong_tensor):
     monkeypatch.setattr(functional, "lstm_layer", breaks(functional.lstm_layer))
+    # Inference runs FusedLSTM's native call, which never reaches functional.lstm_layer.
+    monkeypatch.setattr(modules, "_native_call_allowed", lambda: False)
     stopped = f"FusedLSTM is wrong: .*{wrong_tensor}: FusedLSTM's error"
     with pytest.raises(SystemExit, match=stopped):
         run.main(TINY + ["--mode", mode, "--out", str(tmp_path)])
