@@ -282,3 +282,16 @@ def test_threads_share_a_module(spy):
         t.join()
     for a, b in zip(results, expected):
         assert torch.equal(a, b)
+
+
+def test_functional_call_runs_on_the_given_parameters(spy):
+    fused, cell = FusedLSTM(4, 5).eval(), FusedLSTMCell(4, 5)
+    x = torch.randn(3, 2, 4)
+    for module, arg in ((fused, x), (cell, x[0])):
+        params = {k: torch.randn_like(v) for k, v in module.named_parameters()}
+        same = type(module)(4, 5).eval()
+        same.load_state_dict(params)
+        with torch.no_grad():
+            ours = torch.func.functional_call(module, params, (arg,))
+            assert torch.equal(ours[0], same(arg)[0])
+            assert not torch.equal(ours[0], module(arg)[0])
